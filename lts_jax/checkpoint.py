@@ -1,0 +1,185 @@
+"""Training checkpoints in workdir/checkpoints (Orbax), and loading a trained model back.
+
+Each step directory holds three items:
+  'variables'   {'params', 'batch_stats'}            (StandardSave; all inference needs)
+  'train_state' {'opt_state', 'step'}                (StandardSave)
+  'data'        the grain train-iterator state       (grain.checkpoint.CheckpointSave; one
+                JSON file per process, so every process resumes its own data stream)
+and, for steps that were evaluated, Orbax's metrics file (validation oIoU, mIoU, ...).
+
+Kept: the last ``keep`` checkpoints plus the one with the best validation oIoU. Saves are
+synchronous: the train step donates its state buffers, so nothing may still be reading them
+once ``save`` returns. Restoring takes abstract arrays that carry the *current* mesh's
+sharding, so a checkpoint written on N devices loads on any other number.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from lts_jax.mesh import make_mesh, replicated
+from lts_jax.workdir_config import read_config
+
+CHECKPOINT_DIR = "checkpoints"
+BEST_METRIC = "oIoU"  # validation overall IoU decides which checkpoint is "best"
+VARIABLE_KEYS = ("params", "batch_stats")
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def _best_metric(metrics: dict[str, Any]) -> float:
+    return float(metrics[BEST_METRIC])
+
+
+def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """ShapeDtypeStructs of ``tree`` (arrays or shape structs) placed with ``sharding``."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
+    )
+
+
+class TrainCheckpoints:
+    """An Orbax CheckpointManager for the train state, the data iterator and eval metrics."""
+
+    def __init__(self, workdir: str, *, keep: int = 3, read_only: bool = False) -> None:
+        self.directory = checkpoint_dir(workdir)
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+            [
+                ocp.checkpoint_managers.LatestN(n=max(int(keep), 1)),
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=_best_metric, reverse=False, n=1,
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(
+            # best_fn makes the manager record metrics and answer best_step(); which steps
+            # survive is decided by the preservation policy above.
+            best_fn=_best_metric,
+            best_mode="max",
+            preservation_policy=None if read_only else policy,
+            enable_async_checkpointing=False,
+            create=not read_only,
+            read_only=read_only,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The evaluated step with the highest oIoU (None if no step was evaluated)."""
+        return self._manager.best_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def metrics(self, step: int) -> dict[str, Any] | None:
+        return self._manager.metrics(step)
+
+    def save(
+        self,
+        step: int,
+        state: dict[str, Any],
+        *,
+        data_iterator: Any = None,
+        metrics: dict[str, float] | None = None,
+    ) -> bool:
+        """Writes ``state`` ({params, batch_stats, opt_state, step}) at ``step``.
+
+        Returns False (and writes nothing) when that step is already saved.
+        """
+        if step in self._manager.all_steps():
+            return False
+        items = {
+            "variables": ocp.args.StandardSave({k: state[k] for k in VARIABLE_KEYS}),
+            "train_state": ocp.args.StandardSave(
+                {"opt_state": state["opt_state"], "step": state["step"]}
+            ),
+        }
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        saved = self._manager.save(
+            step, args=ocp.args.Composite(**items), metrics=metrics, force=True
+        )
+        self._manager.wait_until_finished()
+        return bool(saved)
+
+    def restore(
+        self, step: int, abstract_state: dict[str, Any], *, data_iterator: Any = None
+    ) -> dict[str, Any]:
+        """The state at ``step``, laid out as ``abstract_state`` says (shapes and shardings).
+
+        ``data_iterator`` (if given) is set to the saved position in place.
+        """
+        items = {
+            "variables": ocp.args.StandardRestore(
+                {k: abstract_state[k] for k in VARIABLE_KEYS}
+            ),
+            "train_state": ocp.args.StandardRestore(
+                {"opt_state": abstract_state["opt_state"], "step": abstract_state["step"]}
+            ),
+        }
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return {**restored["variables"], **restored["train_state"]}
+
+    def restore_variables(self, step: int, sharding: jax.sharding.Sharding) -> dict[str, Any]:
+        """Only {'params', 'batch_stats'} at ``step``, shaped from the checkpoint's metadata."""
+        metadata = self._manager.item_metadata(step)["variables"]
+        target = abstract_like(metadata, sharding)
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(target))
+        )
+        return dict(restored["variables"])
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def load_for_inference(
+    workdir: str, which: str = "best", mesh: Mesh | None = None
+) -> tuple[ml_collections.ConfigDict, dict[str, Any], int]:
+    """(config, {'params', 'batch_stats'}, step) of a training workdir.
+
+    ``which``: 'best' (highest validation oIoU; the latest when no step was evaluated) or
+    'latest'. Arrays come back replicated over ``mesh`` (default: all devices).
+    """
+    if which not in ("best", "latest"):
+        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+    config = read_config(workdir)
+    if config is None:
+        raise FileNotFoundError(
+            f"No training run in {workdir}: {os.path.join(workdir, 'config.json')} is missing"
+        )
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        raise FileNotFoundError(f"No checkpoint in {workdir}: {checkpoint_dir(workdir)} is missing")
+    store = TrainCheckpoints(workdir, read_only=True)
+    try:
+        step = store.best_step() if which == "best" else None
+        if step is None:
+            step = store.latest_step()
+        if step is None:
+            raise FileNotFoundError(
+                f"No checkpoint in {workdir}: {checkpoint_dir(workdir)} holds no saved step"
+            )
+        variables = store.restore_variables(step, replicated(mesh or make_mesh()))
+    finally:
+        store.close()
+    return config, variables, int(step)
+
+
+def to_host(tree: Any) -> Any:
+    """A pytree of (fully addressable) jax arrays as numpy arrays."""
+    return jax.tree.map(np.asarray, tree)

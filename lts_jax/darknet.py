@@ -1,0 +1,178 @@
+"""DarkNet-53 visual encoder (YOLOv3 backbone) returning C3/C4/C5.
+
+Layout: a 3x3 stem conv (32 ch), then five stages; each stage is a stride-2 3x3
+conv followed by residual blocks (1x1 conv to half width, 3x3 conv back, add).
+Every conv is conv (no bias) -> BatchNorm -> LeakyReLU(0.1), as in Darknet.
+Full width/depth: stages of 1, 2, 8, 8, 4 blocks with 64..1024 channels, and the
+outputs of the last three stages are C3 (stride 8, 256 ch), C4 (stride 16, 512 ch)
+and C5 (stride 32, 1024 ch).
+
+Input is RGB in [0, 1] with no mean/std normalisation, which is what Darknet's
+own pretrained weights expect.
+
+Parameter names (used by the weight importers, ``darknet_weights.py``):
+``stem``, ``down{i}``, ``stage{i}_block{j}/conv1``, ``stage{i}_block{j}/conv2``,
+each holding ``conv/kernel`` (HWIO) and ``bn/{scale,bias}`` + ``bn/{mean,var}``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+FULL_STAGE_BLOCKS: tuple[int, ...] = (1, 2, 8, 8, 4)
+STEM_CHANNELS = 32
+STAGE_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 1024)
+LEAKY_SLOPE = 0.1
+
+
+def scale_channels(channels: int, width_mult: float, minimum: int = 4) -> int:
+    """Channel count after a width multiplier (never below ``minimum``)."""
+    return max(minimum, int(round(channels * width_mult)))
+
+
+def stage_blocks_for_depth(depth_mult: float) -> tuple[int, ...]:
+    """Residual blocks per stage: ceil(n * depth_mult), at least one.
+
+    depth 1.0 -> 1,2,8,8,4 (DarkNet-53); 0.25 -> 1,1,2,2,1; 0.125 -> 1,1,1,1,1.
+    """
+    return tuple(max(1, math.ceil(n * depth_mult - 1e-9)) for n in FULL_STAGE_BLOCKS)
+
+
+def darknet_channels(width_mult: float) -> tuple[int, tuple[int, ...]]:
+    """(stem channels, per-stage channels) for a width multiplier."""
+    stem = scale_channels(STEM_CHANNELS, width_mult)
+    # Residual blocks halve the width inside, so keep stage widths even.
+    stages = tuple(2 * scale_channels(c // 2, width_mult, 2) for c in STAGE_CHANNELS)
+    return stem, stages
+
+
+class ConvSpec(NamedTuple):
+    """One conv-BN layer: module path, input/output channels, kernel size."""
+
+    path: tuple[str, ...]
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+
+
+def darknet_conv_specs(
+    width_mult: float = 1.0, stage_blocks: Sequence[int] = FULL_STAGE_BLOCKS
+) -> list[ConvSpec]:
+    """Every conv layer in Darknet's network order (52 for DarkNet-53)."""
+    stem, stage_channels = darknet_channels(width_mult)
+    specs = [ConvSpec(("stem",), 3, stem, 3)]
+    cin = stem
+    for i, (channels, blocks) in enumerate(zip(stage_channels, stage_blocks, strict=True)):
+        specs.append(ConvSpec((f"down{i}",), cin, channels, 3))
+        for j in range(blocks):
+            specs.append(ConvSpec((f"stage{i}_block{j}", "conv1"), channels, channels // 2, 1))
+            specs.append(ConvSpec((f"stage{i}_block{j}", "conv2"), channels // 2, channels, 3))
+        cin = channels
+    return specs
+
+
+def is_full_darknet53(width_mult: float, stage_blocks: Sequence[int]) -> bool:
+    """True for the full-width, full-depth DarkNet-53 that pretrained files describe."""
+    return width_mult == 1.0 and tuple(stage_blocks) == FULL_STAGE_BLOCKS
+
+
+class ConvBN(nn.Module):
+    """Conv (no bias: BatchNorm's shift replaces it) -> BatchNorm -> activation.
+
+    ``padding`` is symmetric k//2 like Darknet/PyTorch; flax 'SAME' would pad a
+    stride-2 conv asymmetrically and misalign pretrained weights.
+    """
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    act: str = "leaky"  # 'leaky' | 'relu' | 'none'
+    dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, use_running_average: bool) -> jax.Array:
+        pad = self.kernel_size // 2
+        x = nn.Conv(
+            self.features,
+            (self.kernel_size, self.kernel_size),
+            strides=(self.strides, self.strides),
+            padding=((pad, pad), (pad, pad)),
+            use_bias=False,
+            dtype=self.dtype,
+            name="conv",
+        )(x)
+        x = nn.BatchNorm(
+            use_running_average=use_running_average,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+            name="bn",
+        )(x)
+        if self.act == "leaky":
+            return nn.leaky_relu(x, LEAKY_SLOPE)
+        if self.act == "relu":
+            return nn.relu(x)
+        if self.act == "none":
+            return x
+        raise ValueError(f"unknown activation {self.act!r}")
+
+
+class ResidualBlock(nn.Module):
+    """Darknet residual unit: 1x1 to half width, 3x3 back, identity shortcut."""
+
+    channels: int
+    dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, use_running_average: bool) -> jax.Array:
+        kw = dict(dtype=self.dtype, bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon)
+        y = ConvBN(self.channels // 2, 1, name="conv1", **kw)(
+            x, use_running_average=use_running_average
+        )
+        y = ConvBN(self.channels, 3, name="conv2", **kw)(y, use_running_average=use_running_average)
+        return x + y
+
+
+class DarkNet(nn.Module):
+    """DarkNet-53 (or a thinner/shallower variant); returns (C3, C4, C5).
+
+    ``bn_frozen`` keeps the stored statistics even when ``train=True`` (the usual
+    choice with small per-device batches and a pretrained backbone).
+    """
+
+    width_mult: float = 1.0
+    stage_blocks: tuple[int, ...] = FULL_STAGE_BLOCKS
+    dtype: Any = jnp.float32
+    bn_frozen: bool = False
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(
+        self, image: jax.Array, *, train: bool
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        if len(self.stage_blocks) != 5:
+            raise ValueError(f"DarkNet needs 5 stages, got {self.stage_blocks}")
+        use_ra = self.bn_frozen or not train
+        kw = dict(dtype=self.dtype, bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon)
+        stem, stage_channels = darknet_channels(self.width_mult)
+        x = ConvBN(stem, 3, name="stem", **kw)(image.astype(self.dtype), use_running_average=use_ra)
+        outputs = []
+        for i, (channels, blocks) in enumerate(zip(stage_channels, self.stage_blocks, strict=True)):
+            x = ConvBN(channels, 3, strides=2, name=f"down{i}", **kw)(x, use_running_average=use_ra)
+            for j in range(blocks):
+                x = ResidualBlock(channels, name=f"stage{i}_block{j}", **kw)(
+                    x, use_running_average=use_ra
+                )
+            outputs.append(x)
+        return outputs[2], outputs[3], outputs[4]

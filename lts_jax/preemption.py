@@ -1,0 +1,54 @@
+"""Noticing SIGTERM (preemption, `kill`, a scheduler's time limit) so training can save and stop.
+
+Single process: a Python SIGTERM handler sets a flag that the loop polls each step (no
+device sync). Several processes: every process must stop at the same step, so the JAX
+coordination service's preemption sync point is used instead (it installs its own SIGTERM
+notifier during jax.distributed.initialize; a Python handler would replace it).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+import jax
+from jax.experimental import multihost_utils
+
+
+class PreemptionWatcher:
+    """``should_stop(step)`` turns True once a SIGTERM arrived (at the same step everywhere)."""
+
+    def __init__(self) -> None:
+        self._requested = False
+        self._previous: object = None
+        self._installed = False
+        self._multiprocess = jax.process_count() > 1
+
+    def __enter__(self) -> PreemptionWatcher:
+        # signal.signal only works in the main thread; elsewhere SIGTERM keeps its default.
+        if not self._multiprocess and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        del signum, frame
+        self._requested = True
+
+    def request_stop(self) -> None:
+        """Same as receiving SIGTERM (single process)."""
+        self._requested = True
+
+    def should_stop(self, step: int) -> bool:
+        if self._multiprocess:
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:  # preemption service disabled
+                return False
+        return self._requested

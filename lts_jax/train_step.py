@@ -1,0 +1,169 @@
+"""The jitted, data-parallel train step and the train-state pytree it updates.
+
+State is an explicit pytree ``{'params', 'batch_stats', 'opt_state', 'step'}``, replicated on
+every device of the mesh; batches are split on the mesh's ``data`` axis. XLA inserts the
+gradient all-reduce, and BatchNorm statistics computed under jit on the global (sharded) batch
+are global statistics. The state argument is donated, so the caller must drop its reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from lts_jax.mesh import batch_sharding, replicated
+
+TrainState = dict[str, Any]
+Batch = Mapping[str, jax.Array]
+# (mask_logits, aux, batch) -> (total loss, {part name: scalar})
+LossFn = Callable[[jax.Array, Mapping[str, jax.Array], Batch], tuple[jax.Array, dict[str, Any]]]
+TrainStepFn = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
+
+# Batch fields the train step reads; the rest of a pipeline batch stays on the host.
+TRAIN_INPUTS = ("image", "tokens", "token_mask", "mask")
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """L2 norm over all leaves, in float32."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def init_variables(
+    model: nn.Module, rng: jax.Array, image_size: int, max_text_len: int
+) -> dict[str, Any]:
+    """{'params', 'batch_stats'} of ``model`` from dummy inputs (batch of one)."""
+    image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    tokens = jnp.zeros((1, max_text_len), jnp.int32)
+    token_mask = jnp.ones((1, max_text_len), bool)
+    variables = model.init({"params": rng}, image, tokens, token_mask, train=False)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def create_train_state(
+    variables: Mapping[str, Any], tx: optax.GradientTransformation
+) -> TrainState:
+    """A fresh state at step 0 around ``variables``."""
+    return {
+        "params": variables["params"],
+        "batch_stats": variables.get("batch_stats", {}),
+        "opt_state": tx.init(variables["params"]),
+        "step": jnp.zeros((), jnp.int32),
+    }
+
+
+def init_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    *,
+    image_size: int,
+    max_text_len: int,
+    mesh: Mesh,
+    variables_fn: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> TrainState:
+    """Initialises the model and optimiser directly into replicated arrays on ``mesh``.
+
+    ``variables_fn`` (host side, e.g. loading pretrained backbone weights) may replace parts
+    of the freshly initialised variables before the optimiser state is built from them.
+    """
+    def fresh(r: jax.Array) -> TrainState:
+        return create_train_state(init_variables(model, r, image_size, max_text_len), tx)
+
+    if variables_fn is None:
+        return _run_once(fresh, rng, mesh)
+    variables = _run_once(lambda r: init_variables(model, r, image_size, max_text_len), rng, mesh)
+    variables = variables_fn(jax.device_get(variables))
+    return _run_once(lambda v: create_train_state(v, tx), variables, mesh)
+
+
+def _run_once(fn: Callable[[Any], Any], arg: Any, mesh: Mesh) -> Any:
+    """Runs ``fn(arg)`` jitted into replicated arrays, compiled cheaply on CPU.
+
+    Initialisation runs once, but XLA:CPU spends tens of seconds optimising the per-parameter
+    random-number code; its result does not depend on how well that code is optimised.
+    """
+    lowered = jax.jit(fn, out_shardings=replicated(mesh)).lower(arg)
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+    return lowered.compile(compiler_options=options)(arg)
+
+
+def abstract_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    *,
+    image_size: int,
+    max_text_len: int,
+) -> TrainState:
+    """Shapes and dtypes of the state (no computation); used to restore checkpoints."""
+    return jax.eval_shape(
+        lambda r: create_train_state(init_variables(model, r, image_size, max_text_len), tx),
+        jax.random.key(0),
+    )
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    learning_rate_fn: optax.Schedule,
+    mesh: Mesh,
+) -> TrainStepFn:
+    """``step(state, batch, rng) -> (state, metrics)``, jitted over ``mesh`` with donation.
+
+    Per-step randomness (dropout) is ``fold_in(rng, state['step'])``, so a resumed run draws
+    the same numbers as an uninterrupted one. Metrics are replicated scalars: the loss parts,
+    'loss', 'grad_norm' (before clipping), 'update_norm' and 'learning_rate' (the base rate at
+    this step).
+    """
+
+    def step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict]:
+        step_rng = jax.random.fold_in(rng, state["step"])
+
+        def loss_of(params: Any) -> tuple[jax.Array, tuple[dict[str, Any], Any]]:
+            (mask_logits, aux), updates = model.apply(
+                {"params": params, "batch_stats": state["batch_stats"]},
+                batch["image"],
+                batch["tokens"],
+                batch["token_mask"],
+                train=True,
+                rngs={"dropout": step_rng},
+                mutable=["batch_stats"],
+            )
+            total, parts = loss_fn(mask_logits, aux, batch)
+            return total, (parts, updates.get("batch_stats", state["batch_stats"]))
+
+        (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state["params"]
+        )
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = {
+            "params": optax.apply_updates(state["params"], updates),
+            "batch_stats": batch_stats,
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }
+        metrics = {
+            **{k: jnp.asarray(v, jnp.float32) for k, v in parts.items()},
+            "loss": loss.astype(jnp.float32),
+            "grad_norm": global_norm(grads),
+            # Non-finite iff some update is: catches a NaN/Inf rate even when loss and
+            # gradients are still finite.
+            "update_norm": global_norm(updates),
+            "learning_rate": jnp.asarray(learning_rate_fn(state["step"]), jnp.float32),
+        }
+        return new_state, metrics
+
+    repl = replicated(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(repl, batch_sharding(mesh), repl),
+        out_shardings=(repl, repl),
+        donate_argnums=0,
+    )

@@ -1,0 +1,72 @@
+"""DarkNet-53 structure, output shapes and BatchNorm modes."""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lts_jax.darknet import (
+    DarkNet,
+    darknet_channels,
+    darknet_conv_specs,
+    is_full_darknet53,
+    stage_blocks_for_depth,
+)
+
+# 'rbg' keys: threefry initialisers take seconds to compile on a CPU.
+KEY = jax.random.key(0, impl="rbg")
+
+
+def test_width_and_depth_multipliers() -> None:
+    assert stage_blocks_for_depth(1.0) == (1, 2, 8, 8, 4)
+    assert stage_blocks_for_depth(0.25) == (1, 1, 2, 2, 1)
+    assert stage_blocks_for_depth(0.125) == (1, 1, 1, 1, 1)
+    assert darknet_channels(1.0) == (32, (64, 128, 256, 512, 1024))
+    assert darknet_channels(0.25) == (8, (16, 32, 64, 128, 256))
+    specs = darknet_conv_specs()
+    assert len(specs) == 52  # the 52 convs of darknet53.conv.74
+    assert specs[0].path == ("stem",) and specs[-1].path == ("stage4_block3", "conv2")
+    assert is_full_darknet53(1.0, (1, 2, 8, 8, 4)) and not is_full_darknet53(0.5, (1, 2, 8, 8, 4))
+
+
+def test_full_darknet53_shapes_and_parameter_count() -> None:
+    model = DarkNet()
+    image = jax.ShapeDtypeStruct((2, 416, 416, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(KEY, x, train=False), image)
+    c3, c4, c5 = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, image)
+    assert (c3.shape, c4.shape, c5.shape) == ((2, 52, 52, 256), (2, 26, 26, 512), (2, 13, 13, 1024))
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
+    # conv kernels + BN scale/bias of the 52 layers
+    expect = sum(s.kernel_size**2 * s.in_channels * s.out_channels + 2 * s.out_channels
+                 for s in darknet_conv_specs())
+    assert n_params == expect == 40_584_928
+
+
+def test_tiny_shapes_and_batchnorm_modes() -> None:
+    blocks = stage_blocks_for_depth(0.125)
+    image = np.random.default_rng(1).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+    model = DarkNet(width_mult=1 / 16, stage_blocks=blocks)
+    variables = jax.jit(lambda k: model.init(k, image, train=False))(KEY)
+
+    @partial(jax.jit, static_argnums=1)
+    def run(v: dict, frozen: bool) -> tuple:
+        m = DarkNet(width_mult=1 / 16, stage_blocks=blocks, bn_frozen=frozen)
+        train_out, new = m.apply(v, image, train=True, mutable=["batch_stats"])
+        return m.apply(v, image, train=False), train_out, new["batch_stats"]
+
+    eval_out, train_out, stats = run(variables, False)
+    _, stem_channels = darknet_channels(1 / 16)
+    assert [o.shape for o in eval_out] == [
+        (2, 8, 8, stem_channels[2]), (2, 4, 4, stem_channels[3]), (2, 2, 2, stem_channels[4])
+    ]
+    # Train mode normalises with batch statistics and updates the running ones.
+    assert not np.allclose(eval_out[2], train_out[2], atol=1e-3)
+    old_mean = variables["batch_stats"]["stem"]["bn"]["mean"]
+    assert not np.allclose(stats["stem"]["bn"]["mean"], old_mean)
+
+    # Frozen: train=True behaves like inference and leaves the statistics alone.
+    eval_f, train_f, stats_f = run(variables, True)
+    for a, b in zip(eval_f, train_f, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, stats_f, variables["batch_stats"])

@@ -1,0 +1,280 @@
+"""grain pipelines: batch layout, eval completeness and padding, sharding, determinism, resume.
+
+Most tests use an in-memory source of decoded examples in which object i's image is a flat
+colour (red channel 10 * i) and its expressions are "thing <i> take <j>", so every example in a
+batch can be traced back to its (object, expression).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import grain
+import ml_collections
+import numpy as np
+import pytest
+
+from lts_jax import input_pipeline as ip
+from lts_jax.letterbox import letterbox_mask, letterbox_params, unletterbox
+from lts_jax.tokenizer import Tokenizer, train_sentencepiece
+
+S, L, MAX_ORIG = 32, 24, 48
+NUM_OBJECTS = 12
+
+
+def _source() -> list[dict]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(NUM_OBJECTS):
+        h, w = int(rng.integers(10, MAX_ORIG + 1)), int(rng.integers(10, MAX_ORIG + 1))
+        image = np.zeros((h, w, 3), np.uint8)
+        image[..., 0] = 10 * i
+        mask = np.zeros((h, w), np.uint8)
+        mask[h // 4:h // 2, w // 3:] = 1
+        out.append({"image": image, "mask": mask,
+                    "expressions": [f"thing {i} take {j}" for j in range(1 + i % 3)]})
+    return out
+
+
+SOURCE = _source()
+NUM_PAIRS = sum(len(s["expressions"]) for s in SOURCE)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer(train_sentencepiece([e for s in SOURCE for e in s["expressions"]], 64))
+
+
+def _objects(batch: dict) -> list[int]:
+    """Object index of each example (centre pixel of the flat red image)."""
+    return [round(float(v) * 255 / 10) for v in batch["image"][:, S // 2, S // 2, 0]]
+
+
+def _train(tok: Tokenizer, **kw) -> ip.TrainIterator:
+    args = dict(global_batch_size=4, image_size=S, max_text_len=L, seed=0)
+    args.update(kw)
+    return ip.make_train_iterator(SOURCE, tok, **args)
+
+
+def _assert_same(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]), k
+
+
+def test_train_batch_layout(tok):
+    batch = next(_train(tok, flip=True, photometric=True))
+    expected = {"image": ((4, S, S, 3), np.float32), "mask": ((4, S, S), np.float32),
+                "tokens": ((4, L), np.int32), "token_mask": ((4, L), np.bool_),
+                "valid": ((4,), np.bool_)}
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert set(np.unique(batch["mask"])) <= {0.0, 1.0} and batch["valid"].all()
+    assert (batch["tokens"][~batch["token_mask"]] == 0).all()
+
+
+def test_train_sharding_is_disjoint_and_covering_per_epoch(tok):
+    # Global batch 4 over 2 processes: an epoch of 12 objects is 3 batches on each process.
+    iters = [_train(tok, process_index=p, process_count=2) for p in range(2)]
+    epochs = []
+    for _ in range(2):
+        per_process = [[o for _ in range(3) for o in _objects(next(it))] for it in iters]
+        assert set(per_process[0]).isdisjoint(per_process[1])
+        assert sorted(per_process[0] + per_process[1]) == list(range(NUM_OBJECTS))
+        epochs.append(per_process)
+    assert epochs[0] != epochs[1]  # reshuffled every epoch
+
+
+def test_train_is_deterministic_in_seed_and_varies_expressions(tok):
+    a = [next(it) for it in [_train(tok, flip=True, photometric=True)] for _ in range(6)]
+    it = _train(tok, flip=True, photometric=True)
+    _assert_same(a, [next(it) for _ in range(6)])
+    other = _train(tok, seed=1)
+    assert [_objects(next(other)) for _ in range(3)] != [_objects(b) for b in a[:3]]
+    # One expression per object per epoch, and over many epochs not always the same one.
+    it = _train(tok)
+    picks: dict[int, set[str]] = {}
+    for _ in range(3 * 8):  # 8 epochs
+        batch = next(it)
+        for obj, ids in zip(_objects(batch), batch["tokens"], strict=True):
+            text = tok.decode(ids)
+            assert text.startswith(f"thing {obj} take ")
+            picks.setdefault(obj, set()).add(text)
+    assert len(picks[2]) > 1 and len(picks[5]) > 1 and len(picks[0]) == 1
+
+
+def test_train_state_restore_is_exact_across_worker_counts(tok):
+    it = _train(tok, flip=True, photometric=True)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(4)]
+    fresh = _train(tok, flip=True, photometric=True)
+    fresh.set_state(state)
+    _assert_same([next(fresh) for _ in range(4)], expected)
+    with_workers = _train(tok, flip=True, photometric=True, worker_count=2)
+    with_workers.set_state(state)
+    try:
+        _assert_same([next(with_workers) for _ in range(4)], expected)
+        assert with_workers.batches_consumed == 7
+    finally:
+        with_workers.close()
+
+
+def test_orbax_checkpoint_round_trip(tok, tmp_path):
+    import orbax.checkpoint as ocp
+
+    it = _train(tok)
+    for _ in range(2):
+        next(it)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+        expected = [next(it) for _ in range(3)]
+        fresh = _train(tok)
+        mngr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    _assert_same([next(fresh) for _ in range(3)], expected)
+
+
+def test_state_of_another_pipeline_is_refused(tok):
+    state = _train(tok, seed=0).get_state()
+    with pytest.raises(ValueError, match="different pipeline"):
+        _train(tok, seed=1).set_state(state)
+
+
+def test_global_batch_must_divide_over_processes(tok):
+    with pytest.raises(ValueError, match="not divisible"):
+        _train(tok, global_batch_size=5, process_count=2)
+    with pytest.raises(ValueError, match="not divisible"):
+        ip.make_eval_loader(SOURCE, tok, global_batch_size=3, image_size=S, max_text_len=L,
+                            process_count=2)
+
+
+def _eval(tok: Tokenizer, **kw) -> ip.EvalLoader:
+    args = dict(global_batch_size=4, image_size=S, max_text_len=L, max_orig_size=MAX_ORIG)
+    args.update(kw)
+    return ip.make_eval_loader(SOURCE, tok, **args)
+
+
+def test_eval_batch_layout_maps_back_to_original(tok):
+    batch = next(iter(_eval(tok)))
+    expected = {"image": ((4, S, S, 3), np.float32), "mask": ((4, S, S), np.float32),
+                "tokens": ((4, L), np.int32), "token_mask": ((4, L), np.bool_),
+                "valid": ((4,), np.bool_), "orig_mask": ((4, MAX_ORIG, MAX_ORIG), np.uint8),
+                "orig_hw": ((4, 2), np.int32), "letterbox": ((4, 3), np.float32),
+                "pair_id": ((4,), np.int64)}
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+    for i in range(4):
+        h, w = batch["orig_hw"][i]
+        obj = _objects(batch)[i]
+        assert (h, w) == SOURCE[obj]["mask"].shape
+        assert np.array_equal(batch["orig_mask"][i, :h, :w], SOURCE[obj]["mask"])
+        assert batch["orig_mask"][i, h:].sum() == 0 and batch["orig_mask"][i, :, w:].sum() == 0
+        assert np.array_equal(batch["mask"][i], letterbox_mask(SOURCE[obj]["mask"], S))
+        assert np.array_equal(batch["letterbox"][i], letterbox_params(h, w, S).as_array())
+        # The row is accepted by unletterbox (its consistency check) and maps S x S to h x w.
+        assert unletterbox(batch["mask"][i] > 0.5, batch["letterbox"][i], (h, w)).shape == (h, w)
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_eval_covers_every_pair_once_in_order(tok, process_count):
+    loaders = [_eval(tok, process_index=p, process_count=process_count)
+               for p in range(process_count)]
+    assert {ld.num_batches for ld in loaders} == {ip.num_eval_batches(NUM_PAIRS, 4)}
+    assert all(ld.num_pairs == NUM_PAIRS for ld in loaders)
+    passes = [list(ld) for ld in loaders]
+    assert all(len(p) == loaders[0].num_batches for p in passes)  # equal counts, no hang
+    _assert_same(passes[0], list(loaders[0]))  # a second pass is identical
+    # Global batch b = process 0's rows, then process 1's, ...: pairs in order, then padding.
+    rows = [(batch["pair_id"][r], batch["valid"][r], batch["tokens"][r], batch["image"][r])
+            for b in range(loaders[0].num_batches) for p in passes
+            for batch in [p[b]] for r in range(4 // process_count)]
+    ids = [int(r[0]) for r in rows]
+    assert ids == list(range(NUM_PAIRS)) + [-1] * (len(rows) - NUM_PAIRS)
+    assert [bool(r[1]) for r in rows] == [i >= 0 for i in ids]
+    expected = [(o, j) for o in range(NUM_OBJECTS) for j in range(len(SOURCE[o]["expressions"]))]
+    for (obj, j), (_, _, tokens, image) in zip(expected, rows, strict=False):
+        assert tok.decode(tokens) == f"thing {obj} take {j}"
+        assert round(float(image[S // 2, S // 2, 0]) * 255 / 10) == obj
+    for pad in rows[NUM_PAIRS:]:  # well-formed dummies: one token, nothing else
+        assert pad[2][0] != 0 and (pad[2][1:] == 0).all() and not pad[3].any()
+
+
+def test_eval_with_workers_matches_in_process(tok):
+    _assert_same(list(_eval(tok, worker_count=2)), list(_eval(tok)))
+
+
+# --------------------------------------------------------------------------------------------
+# Real prepared data (tfds_refcoco builder, RefShapes)
+
+
+def _config(data_dir: str) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.batch_size = 4
+    config.eval_batch_size = 4
+    config.data = ml_collections.ConfigDict(dict(
+        dataset="refshapes", data_dir=data_dir, manual_dir="", image_size=S, max_text_len=L,
+        vocab_size=128, train_split="train", eval_splits="validation", num_workers=0,
+        flip=True, photometric=True))
+    return config
+
+
+@pytest.fixture(scope="module")
+def refshapes(tmp_path_factory) -> tuple[ml_collections.ConfigDict, dict]:
+    from tfds_refcoco import records
+
+    data_dir = str(tmp_path_factory.mktemp("refshapes_data"))
+    counts = records.prepare("refshapes", data_dir, None, refshapes_num_images=8)
+    return _config(data_dir), counts
+
+
+def test_refshapes_loaders_end_to_end(refshapes):
+    from lts_jax.tokenizer import load_tokenizer, tokenizer_path
+
+    config, counts = refshapes
+    tok = load_tokenizer(config)
+    path = tokenizer_path(config.data.data_dir, "refshapes", 128)
+    assert path.exists() and 2 < tok.vocab_size <= 128
+    assert load_tokenizer(config).model_proto == path.read_bytes() == tok.model_proto
+
+    it = ip.create_train_loader(config, tok, process_index=1, process_count=2)
+    batch = next(it)
+    assert batch["image"].shape == (2, S, S, 3) and batch["mask"].any()
+    assert batch["token_mask"][:, 0].all()
+
+    n_batches, n_pairs = ip.eval_size(config, "validation")
+    assert n_pairs == counts["validation"]["expressions"]
+    loaders = [ip.create_eval_loader(config, "validation", tok, process_index=p, process_count=2,
+                                     max_orig_size=128) for p in range(2)]
+    assert all(ld.num_batches == n_batches and ld.num_pairs == n_pairs for ld in loaders)
+    ids = [int(i) for ld in loaders for b in ld for i in b["pair_id"]]
+    assert sorted(i for i in ids if i >= 0) == list(range(n_pairs))
+
+
+_NO_TF = """
+import sys
+from lts_jax import input_pipeline as ip
+from lts_jax.tokenizer import load_tokenizer
+import ml_collections
+config = ml_collections.ConfigDict({cfg!r})
+tok = load_tokenizer(config)
+next(ip.create_train_loader(config, tok))
+next(iter(ip.create_eval_loader(config, "validation", tok, max_orig_size=128)))
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tf_keras", "keras"))
+assert not loaded, loaded
+print("ok")
+"""
+
+
+def test_pipeline_never_imports_tensorflow(refshapes):
+    config, _ = refshapes
+    code = textwrap.dedent(_NO_TF.format(cfg=config.to_dict()))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")

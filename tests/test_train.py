@@ -1,0 +1,245 @@
+"""Training: the jitted step on a toy model, and train_and_evaluate end to end (tiny config)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from lts_jax import input_pipeline
+from lts_jax import train as train_lib
+from lts_jax.checkpoint import TrainCheckpoints, load_for_inference
+from lts_jax.mesh import make_mesh, replicated, shard_batch
+from lts_jax.metric_writer import read_metrics
+from lts_jax.optim import create_optimizer
+from lts_jax.progress import ProgressBar
+from lts_jax.train_step import init_train_state, make_train_step
+from lts_jax.workdir_config import ConfigMismatchError
+from tests.train_fixtures import enable_compile_cache, tiny_config, tiny_data_dir
+
+# ----------------------------------------------------------------------------- toy model
+
+
+class ToyLTS(nn.Module):
+    """The LTS call signature and outputs on a few cheap layers (BN, dropout, 'visual')."""
+
+    @nn.compact
+    def __call__(self, image, tokens, token_mask, *, train):
+        x = nn.Conv(4, (4, 4), strides=(4, 4), name="visual")(image)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="fusion")(x)
+        words = nn.Embed(16, 4, name="text")(tokens)
+        m = token_mask[..., None].astype(x.dtype)
+        sentence = (words * m).sum(1) / m.sum(1)
+        x = nn.relu(x * sentence[:, None, None, :])
+        x = nn.Dropout(0.5, deterministic=not train)(x)
+        mask_logits = nn.Conv(1, (1, 1), name="segment")(x)[..., 0]
+        b, h, w = mask_logits.shape
+        prior = mask_logits.reshape(b, h // 4, 4, w // 4, 4).mean((2, 4))
+        return mask_logits, {"prior_logits": prior, "relevance": jax.nn.sigmoid(prior)}
+
+
+def _toy_batches(n: int, batch: int = 8, size: int = 32, length: int = 5):
+    rng = np.random.default_rng(0)
+    for _ in range(n):
+        yield {
+            "image": rng.random((batch, size, size, 3), dtype=np.float32),
+            "mask": (rng.random((batch, size, size)) > 0.5).astype(np.float32),
+            "tokens": rng.integers(1, 16, (batch, length)).astype(np.int32),
+            "token_mask": np.arange(length)[None, :] < rng.integers(1, length + 1, (batch, 1)),
+        }
+
+
+def _toy_run(devices):
+    optim = ml_collections.ConfigDict(dict(
+        name="adamw", learning_rate=0.01, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8,
+        warmup_steps=1, schedule="cosine", decay_at=(), decay_factor=0.1, end_factor=0.0,
+        clip_norm=1.0, backbone_lr_mult=0.1))
+    loss = ml_collections.ConfigDict(dict(prior_weight=1.0, dice_weight=0.5))
+    mesh = make_mesh(devices)
+    model = ToyLTS()
+    tx, schedule = create_optimizer(optim, 10)
+    state = init_train_state(model, tx, jax.random.key(0), image_size=32, max_text_len=5,
+                             mesh=mesh)
+    step_fn = make_train_step(model, tx, train_lib.make_loss_fn(loss), schedule, mesh)
+    rng = jax.device_put(jax.random.key(1), replicated(mesh))
+    history = []
+    for batch in _toy_batches(3):
+        previous = state
+        state, metrics = step_fn(state, shard_batch(batch, mesh), rng)
+        history.append({**jax.device_get(metrics),
+                        "batch_stats": jax.device_get(state["batch_stats"])})
+    return previous, state, history, step_fn
+
+
+def test_train_step_is_the_same_on_4_and_1_devices_and_compiles_once():
+    old4, state4, hist4, step4 = _toy_run(jax.devices())
+    _, state1, hist1, step1 = _toy_run(jax.devices()[:1])
+    assert step4._cache_size() == 1 and step1._cache_size() == 1  # no recompiles
+    assert int(state4["step"]) == 3
+    losses4 = [h["loss"] for h in hist4]
+    np.testing.assert_allclose(losses4, [h["loss"] for h in hist1], rtol=1e-5)
+    assert losses4[0] != losses4[1]
+    for h in hist4:
+        assert set(h) > {"loss", "mask_loss", "prior_loss", "dice_loss", "grad_norm",
+                          "update_norm", "learning_rate"}
+    # BatchNorm statistics under jit are over the global batch, whatever the sharding
+    # (compared after the first step: later steps add Adam's amplified rounding noise).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 hist4[0]["batch_stats"], hist1[0]["batch_stats"])
+    for leaf in jax.tree.leaves(state4["params"]):
+        assert leaf.sharding.is_fully_replicated
+    # The state argument is donated.
+    assert all(x.is_deleted() for x in jax.tree.leaves(old4["params"]))
+
+
+def test_pending_metrics_name_the_first_bad_step():
+    pending = train_lib._PendingMetrics()
+    ok = {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(2.0),
+          "update_norm": jnp.float32(0.1), "learning_rate": jnp.float32(0.5)}
+    pending.add(1, ok)
+    pending.add(2, ok)
+    summary = pending.flush()
+    assert summary["loss"] == 1.0 and summary["learning_rate"] == 0.5
+    assert pending.flush() is None
+    pending.add(3, ok)
+    pending.add(4, {**ok, "update_norm": jnp.float32(np.inf)})
+    pending.add(5, {**ok, "loss": jnp.float32(np.nan)})
+    with pytest.raises(train_lib.NonFiniteLossError, match="at step 4"):
+        pending.flush()
+
+
+# ----------------------------------------------------------------------- end to end (tiny)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    enable_compile_cache()
+    return tiny_data_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def full_run(data_dir, tmp_path_factory):
+    """An uninterrupted 4-step run, with the jitted train step kept for inspection."""
+    workdir = str(tmp_path_factory.mktemp("full") / "run")
+    steps = []
+    make = train_lib.make_train_step
+
+    def recording(*args, **kwargs):
+        steps.append(make(*args, **kwargs))
+        return steps[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_lib, "make_train_step", recording)
+        results = train_lib.train_and_evaluate(tiny_config(data_dir), workdir)
+    return workdir, results, steps[0]
+
+
+def _variables(workdir: str, which: str = "latest"):
+    _, variables, step = load_for_inference(workdir, which)
+    return jax.device_get(variables), step
+
+
+def test_train_and_evaluate_outputs(full_run):
+    workdir, results, step_fn = full_run
+    assert set(results) == {"validation"}
+    assert set(results["validation"]) >= {"mIoU", "oIoU", "prec@0.5", "pairs"}
+    assert 0.0 <= results["validation"]["mIoU"] <= 1.0 and results["validation"]["pairs"] > 0
+    assert step_fn._cache_size() == 1  # compiled once for all steps
+
+    records = read_metrics(workdir)
+    train_steps = [r["step"] for r in records if "train/loss" in r]
+    assert train_steps == [2, 4]
+    last = [r for r in records if "train/loss" in r][-1]
+    for key in ("train/mask_loss", "train/prior_loss", "train/learning_rate",
+                "train/grad_norm", "train/steps_per_sec", "train/images_per_sec"):
+        assert np.isfinite(last[key]), key
+    assert any(r["step"] == 4 and "validation/oIoU" in r for r in records)
+    assert any(f.startswith("events.out.tfevents")
+               for f in os.listdir(os.path.join(workdir, "tensorboard")))
+    assert os.path.exists(os.path.join(workdir, "eval_results.md"))
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["model"]["vocab_size"] > 0 and saved["model"]["dtype"] == "float32"
+
+    store = TrainCheckpoints(workdir, read_only=True)
+    assert store.all_steps() == [2, 4] and store.best_step() == 4
+    store.close()
+
+
+def test_sigterm_saves_and_rerun_resumes_bit_identically(full_run, data_dir, tmp_path,
+                                                         monkeypatch):
+    workdir = str(tmp_path / "run")
+    update = ProgressBar.update
+
+    def update_then_sigterm(self, step, scalars=None):
+        update(self, step, scalars)
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)  # as if the scheduler preempted us
+
+    monkeypatch.setattr(ProgressBar, "update", update_then_sigterm)
+    assert train_lib.train_and_evaluate(tiny_config(data_dir), workdir) == {}
+    store = TrainCheckpoints(workdir, read_only=True)
+    assert store.latest_step() == 1  # saved on SIGTERM (checkpoint_every is 2)
+    store.close()
+
+    monkeypatch.setattr(ProgressBar, "update", update)
+    results = train_lib.train_and_evaluate(tiny_config(data_dir), workdir)
+    resumed, step = _variables(workdir)
+    reference, ref_step = _variables(full_run[0])
+    assert step == ref_step == 4
+    # Same parameters bit for bit: the data iterator and RNG resumed exactly.
+    jax.tree.map(np.testing.assert_array_equal, resumed, reference)
+    assert results["validation"] == full_run[1]["validation"]
+
+
+class _NaNImageAt:
+    """Wraps the train iterator; batch number ``bad`` (1-based) gets a NaN image."""
+
+    def __init__(self, inner, bad: int) -> None:
+        self.inner, self.bad, self.count = inner, bad, 0
+
+    def __next__(self):
+        batch = dict(next(self.inner))
+        self.count += 1
+        if self.count == self.bad:
+            batch["image"] = np.full_like(batch["image"], np.nan)
+        return batch
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state) -> None:
+        self.inner.set_state(state)
+
+    def start_prefetch(self) -> None:
+        self.inner.start_prefetch()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(
+    data_dir, tmp_path, monkeypatch
+):
+    workdir = str(tmp_path / "run")
+    create = input_pipeline.create_train_loader
+    monkeypatch.setattr(input_pipeline, "create_train_loader",
+                        lambda *a, **k: _NaNImageAt(create(*a, **k), bad=3))
+    with pytest.raises(train_lib.NonFiniteLossError,
+                       match=r"step 3.*last good checkpoint is step 2"):
+        train_lib.train_and_evaluate(tiny_config(data_dir), workdir)
+    variables, step = _variables(workdir)
+    assert step == 2
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
+
+
+def test_refuses_to_resume_with_a_different_model(full_run, data_dir):
+    with pytest.raises(ConfigMismatchError, match="model.fusion.dim"):
+        train_lib.train_and_evaluate(tiny_config(data_dir, model__fusion__dim=32), full_run[0])
