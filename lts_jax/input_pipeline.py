@@ -4,9 +4,10 @@ Both pipelines are grain MapDatasets of whole batches, so a batch's contents dep
 seed, the position in the stream and the process layout, never on worker or thread counts.
 
 Training stream: epoch e is a permutation of the N objects (grain's index shuffle, reseeded per
-epoch). Global stream position t = e * N + i; process p takes positions p, p + P, p + 2P, ... and
-batches them, so global batch b is positions [b*B*P, (b+1)*B*P) across the P processes. Each
-position draws its own RNG from (seed, t): which expression, flip, photometric jitter.
+epoch). Global stream position t = e * N + i. With B rows per process and G = B*P, global batch b
+is positions [b*G, (b+1)*G) in order, process p holding [b*G + p*B, b*G + (p+1)*B), so a global
+batch is the same, row for row, under any process count. Each position draws its own RNG from
+(seed, t): which expression, flip, photometric jitter.
 
 Eval stream: pairs (object, expression) in source order, then expression order. Global batch b
 holds pairs [b*G, (b+1)*G) (G = global eval batch), process p the slice [p*B, (p+1)*B) of it.
@@ -141,8 +142,11 @@ def train_batches(source: Any, tokenizer: Tokenizer, *, batch_size: int, image_s
     ds = grain.MapDataset.range(len(source)).shuffle(seed=shuffle_seed).repeat(num_epochs)
     # map_with_index before slicing, so the RNG is keyed by the global stream position.
     ds = ds.map_with_index(example)
-    ds = ds[process_index::process_count]
-    return ds.batch(batch_size, drop_remainder=True)
+    # Process p's k-th batch is the p-th block of global batch k, so a global batch has the
+    # same rows in the same order for any process count (per-row dropout masks included).
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds[: len(ds) // process_count * process_count]  # the same count on every process
+    return ds[process_index::process_count]
 
 
 class TrainIterator(Iterator[Batch]):

@@ -120,11 +120,12 @@ def train_or_load(path: str | os.PathLike[str], expressions_fn: Callable[[], Ite
         return Tokenizer.from_file(path)
     proto = train_sentencepiece(expressions_fn(), vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write-then-rename: hosts training concurrently produce the same bytes, and a reader never
-    # sees a half-written file.
+    # Write-then-replace: hosts training concurrently produce the same bytes, and a reader never
+    # sees a half-written file. (epath's rename refuses an existing target: the slower of two
+    # concurrent writers would fail.)
     tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
     tmp.write_bytes(proto)
-    tmp.rename(path)
+    tmp.replace(path)
     return Tokenizer(proto)
 
 

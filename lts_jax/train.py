@@ -272,7 +272,9 @@ def train_and_evaluate(
     sizes = dict(image_size=int(config.data.image_size), max_text_len=int(config.data.max_text_len))
     rng = jax.random.key(int(config.seed))
     init_rng, dropout_rng = jax.random.split(rng)
-    dropout_rng = jax.device_put(dropout_rng, replicated(mesh))
+    # jit, not device_put: device_put cannot place a typed PRNG key on a sharding that spans
+    # other processes' devices (multi-process runs).
+    dropout_rng = jax.jit(lambda r: r, out_shardings=replicated(mesh))(dropout_rng)
 
     store = TrainCheckpoints(workdir, keep=int(config.keep_checkpoints))
     train_iter = create_train_loader(

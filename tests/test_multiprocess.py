@@ -1,0 +1,159 @@
+"""Multi-process training: 1 process x 4 devices and 2 processes x 2 devices give the same run.
+
+Three ``train.py`` processes run the tiny RefShapes config side by side on CPU: the reference
+(one process, 4 simulated devices) and a pair joined by ``jax.distributed`` (gloo collectives
+over 127.0.0.1, 2 devices each, global batch split between them). Both runs see the same
+global batches, so every step's loss, the checkpoints and the final evaluation must agree up
+to all-reduce rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lts_jax.metric_writer import read_metrics
+from lts_jax.tokenizer import load_tokenizer
+from tests.train_fixtures import NUM_IMAGES, tiny_config, tiny_data_dir
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 240  # for all three processes together
+# XLA:CPU spends most of this test compiling; its optimisations buy nothing for four tiny
+# steps. Every process gets the same flags, so the runs stay comparable.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _train_command(data_dir: str, workdir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, str(REPO / "train.py"),
+        "--config", str(REPO / "configs" / "refshapes.py") + ":tiny",
+        "--workdir", str(workdir),
+        f"--config.data.data_dir={data_dir}",
+        f"--config.data.refshapes_num_images={NUM_IMAGES}",
+        "--config.data.eval_splits=validation",
+        "--config.log_every=1",  # every step's own loss in metrics.jsonl
+        "--config.checkpoint_every=4",  # one (multi-process) save, with the final evaluation
+        *extra,
+    ]
+
+
+def _env(num_devices: int) -> dict[str, str]:
+    """This environment with ``num_devices`` CPU devices, set before the child imports JAX."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices} {FAST_COMPILE}"
+    env["JAX_PLATFORMS"] = "cpu"
+    # Two processes of one run would compile and write the same cache entries concurrently.
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    return env
+
+
+class _Runs:
+    """Child processes with their output in files; ``kill`` stops any still running."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        with (open(self.log_dir / f"{name}.out", "wb") as out,
+              open(self.log_dir / f"{name}.err", "wb") as err):
+            self.procs[name] = subprocess.Popen(command, cwd=REPO, env=env, stdout=out,
+                                                stderr=err, stdin=subprocess.DEVNULL)
+
+    def wait(self, timeout_s: float) -> str | None:
+        """Waits for all; returns why it gave up (a failure or the timeout), None if all ran."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            codes = {name: p.poll() for name, p in self.procs.items()}
+            failed = [f"{n} exited with {c}" for n, c in codes.items() if c not in (None, 0)]
+            if failed:
+                # The other process of a pair would only hang on its next collective.
+                return "; ".join(failed)
+            if all(c == 0 for c in codes.values()):
+                return None
+            if time.monotonic() > deadline:
+                running = [n for n, c in codes.items() if c is None]
+                return f"timed out after {timeout_s:.0f} s waiting for {running}"
+            time.sleep(0.5)
+
+    def kill(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def report(self, reason: str) -> str:
+        parts = [reason]
+        for name in self.procs:
+            for stream in ("out", "err"):
+                text = (self.log_dir / f"{name}.{stream}").read_text(errors="replace")
+                parts.append(f"----- {name} std{stream} (last 4000 chars) -----\n{text[-4000:]}")
+        return "\n".join(parts)
+
+
+def _train_losses(workdir: Path) -> dict[int, float]:
+    return {int(r["step"]): r["train/loss"] for r in read_metrics(str(workdir))
+            if "train/loss" in r}
+
+
+def _eval_metrics(workdir: Path) -> dict[str, float]:
+    """The final validation metrics (fractions, and 'pairs') as logged to metrics.jsonl."""
+    records = [r for r in read_metrics(str(workdir)) if "validation/mIoU" in r]
+    assert records and (workdir / "eval_results.json").exists()
+    return {k.split("/", 1)[1]: v for k, v in records[-1].items() if k.startswith("validation/")}
+
+
+def _saved_steps(workdir: Path) -> list[int]:
+    names = os.listdir(workdir / "checkpoints")
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def test_one_process_4_devices_and_two_processes_2_devices_agree(tmp_path_factory, tmp_path):
+    data_dir = tiny_data_dir(tmp_path_factory)
+    load_tokenizer(tiny_config(data_dir))  # data and tokenizer ready: no run builds them
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    port = _free_port()
+    runs = _Runs(tmp_path)
+    start = time.monotonic()
+    try:
+        runs.start("single", _train_command(data_dir, single), _env(4))
+        for i in range(2):
+            flags = ["--multiprocess", f"--coordinator_address=127.0.0.1:{port}",
+                     "--num_processes=2", f"--process_id={i}"]
+            runs.start(f"process{i}", _train_command(data_dir, multi, *flags), _env(2))
+        failure = runs.wait(TIMEOUT_S)
+    finally:
+        runs.kill()
+    assert failure is None, runs.report(failure)
+    elapsed = time.monotonic() - start
+
+    context = runs.report(f"runs finished in {elapsed:.0f} s")
+    losses, mp_losses = _train_losses(single), _train_losses(multi)
+    assert sorted(losses) == sorted(mp_losses) == [1, 2, 3, 4], context
+    np.testing.assert_allclose([mp_losses[s] for s in sorted(losses)],
+                               [losses[s] for s in sorted(losses)], rtol=1e-4, err_msg=context)
+    assert losses[1] != losses[4]  # it did train
+
+    evals, mp_evals = _eval_metrics(single), _eval_metrics(multi)
+    assert mp_evals["pairs"] == evals["pairs"] > 0, context
+    # Thresholded masks: a pixel whose logit sits at the threshold may flip with the rounding.
+    for key in ("mIoU", "oIoU"):
+        np.testing.assert_allclose(mp_evals[key], evals[key], rtol=0, atol=2e-3,
+                                   err_msg=f"{key}\n{context}")
+    # Both processes wrote the checkpoints together, each with its own data-iterator state.
+    assert _saved_steps(multi) == _saved_steps(single) == [4], context
+    data_dir_4 = multi / "checkpoints" / "4" / "data"
+    data_files = sorted(n for n in os.listdir(data_dir_4) if n.endswith(".json"))
+    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"], context
