@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
+from orbax.checkpoint import multihost as orbax_multihost
 
 from lts_jax import results_table
 from lts_jax.checkpoint import TrainCheckpoints, abstract_like, checkpoint_dir
@@ -63,9 +63,19 @@ def resolve_config(
     return config
 
 
-def _barrier(name: str) -> None:
+# How long the other processes wait for process 0 to build a dataset (a RefCOCO build from
+# the raw downloads takes tens of minutes).
+PREPARE_TIMEOUT_S = 6 * 3600
+
+
+def _barrier(name: str, timeout_s: int) -> None:
+    """Waits for every process through the coordination service.
+
+    Not a device collective: on CPU, gloo gives up when processes arrive more than ~30 s apart,
+    which a dataset build easily exceeds.
+    """
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+        orbax_multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s) * 1000)
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> Any:
@@ -84,7 +94,7 @@ def prepare_data(config: ml_collections.ConfigDict) -> Any:
         return load_tokenizer(config)
 
     tokenizer = build() if jax.process_index() == 0 else None
-    _barrier("lts_prepare_data")
+    _barrier("lts_prepare_data", PREPARE_TIMEOUT_S)
     return tokenizer if tokenizer is not None else build()
 
 

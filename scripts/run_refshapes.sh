@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The README's main command: install, then build RefShapes, train, evaluate (CPU is fine).
+#   bash scripts/run_refshapes.sh [WORKDIR] [extra train.py flags, e.g. --config.num_train_steps=500]
+# Rerunning resumes the run in WORKDIR (default runs/refshapes) instead of starting over.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORKDIR="${1:-runs/refshapes}"
+shift || true
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q -r requirements.txt
+# Builds data/tfds/refcoco_masks/refshapes (seconds), trains, evaluates every split, prints the table.
+python train.py --config configs/refshapes.py --workdir "$WORKDIR" "$@"
+# The same checkpoint with expressions shuffled within each batch: how much it relies on language.
+python eval.py --workdir "$WORKDIR" --shuffle_expressions
