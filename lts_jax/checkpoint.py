@@ -69,10 +69,20 @@ class TrainCheckpoints:
             best_mode="max",
             preservation_policy=None if read_only else policy,
             enable_async_checkpointing=False,
+            save_interval_steps=0 if read_only else 1,
             create=not read_only,
             read_only=read_only,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # Naming each item's handler lets item_metadata() read every item (without it Orbax
+        # warns, per item, that it cannot restore what it has no handler for).
+        handlers = {
+            "variables": ocp.StandardCheckpointHandler(),
+            "train_state": ocp.StandardCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+        }
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=handlers
+        )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
