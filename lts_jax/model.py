@@ -179,4 +179,5 @@ def init_variables(
     image = jnp.zeros((batch_size, image_size, image_size, 3), jnp.float32)
     tokens = jnp.zeros((batch_size, max_text_len), jnp.int32)
     token_mask = jnp.ones((batch_size, max_text_len), bool)
-    return dict(model.init({"params": rng}, image, tokens, token_mask, train=False))
+    variables = model.init({"params": rng}, image, tokens, token_mask, train=False)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}

@@ -18,6 +18,7 @@ import optax
 from jax.sharding import Mesh
 
 from lts_jax.mesh import batch_sharding, replicated
+from lts_jax.model import init_variables
 
 TrainState = dict[str, Any]
 Batch = Mapping[str, jax.Array]
@@ -33,17 +34,6 @@ def global_norm(tree: Any) -> jax.Array:
     """L2 norm over all leaves, in float32."""
     leaves = jax.tree.leaves(tree)
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
-
-
-def init_variables(
-    model: nn.Module, rng: jax.Array, image_size: int, max_text_len: int
-) -> dict[str, Any]:
-    """{'params', 'batch_stats'} of ``model`` from dummy inputs (batch of one)."""
-    image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    tokens = jnp.zeros((1, max_text_len), jnp.int32)
-    token_mask = jnp.ones((1, max_text_len), bool)
-    variables = model.init({"params": rng}, image, tokens, token_mask, train=False)
-    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
 def create_train_state(
