@@ -61,7 +61,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lts_jax.mesh import make_mesh, replicated, shard_batch  # noqa: E402
+from lts_jax.mesh import make_mesh, replicate, shard_batch  # noqa: E402
 from lts_jax.model import create_model  # noqa: E402
 from lts_jax.optim import create_optimizer  # noqa: E402
 from lts_jax.train import make_loss_fn, resolve_config  # noqa: E402
@@ -179,9 +179,7 @@ def run_benchmark(
     loss_fn = make_loss_fn(config.loss)
     train_step = make_train_step(model, tx, loss_fn, lr_schedule, mesh)
     init_rng, dropout_rng = jax.random.split(jax.random.key(int(config.seed)))
-    # As train.py: jit rather than device_put, which cannot place a typed key on a sharding
-    # spanning other processes' devices.
-    dropout_rng = jax.jit(lambda r: r, out_shardings=replicated(mesh))(dropout_rng)
+    dropout_rng = replicate(dropout_rng, mesh)
     state = init_train_state(
         model, tx, init_rng, mesh=mesh, image_size=int(config.data.image_size),
         max_text_len=int(config.data.max_text_len),

@@ -48,5 +48,16 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Places a pytree of host arrays on every device of the mesh."""
-    return jax.device_put(tree, replicated(mesh))
+    """Places a pytree of host arrays (or typed PRNG keys) on every device of the mesh.
+
+    Keys go through a jitted identity: device_put cannot place a typed key on a sharding that
+    spans other processes' devices (multi-process runs).
+    """
+    sharding = replicated(mesh)
+
+    def put(x: Any) -> Any:
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            return jax.jit(lambda k: k, out_shardings=sharding)(x)
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(put, tree)

@@ -22,7 +22,7 @@ from orbax.checkpoint import multihost as orbax_multihost
 
 from lts_jax import results_table
 from lts_jax.checkpoint import TrainCheckpoints, abstract_like, checkpoint_dir
-from lts_jax.mesh import make_mesh, replicated, shard_batch
+from lts_jax.mesh import make_mesh, replicate, replicated, shard_batch
 from lts_jax.metric_writer import MetricWriter
 from lts_jax.optim import create_optimizer
 from lts_jax.preemption import PreemptionWatcher
@@ -282,9 +282,7 @@ def train_and_evaluate(
     sizes = dict(image_size=int(config.data.image_size), max_text_len=int(config.data.max_text_len))
     rng = jax.random.key(int(config.seed))
     init_rng, dropout_rng = jax.random.split(rng)
-    # jit, not device_put: device_put cannot place a typed PRNG key on a sharding that spans
-    # other processes' devices (multi-process runs).
-    dropout_rng = jax.jit(lambda r: r, out_shardings=replicated(mesh))(dropout_rng)
+    dropout_rng = replicate(dropout_rng, mesh)
 
     store = TrainCheckpoints(workdir, keep=int(config.keep_checkpoints))
     train_iter = create_train_loader(

@@ -31,3 +31,13 @@ def test_replicate_puts_full_copy_everywhere():
     out = mesh_lib.replicate(tree, mesh)
     for s in out["w"].addressable_shards:
         np.testing.assert_array_equal(np.asarray(s.data), tree["w"])
+
+
+def test_replicate_places_typed_keys_too():
+    mesh = mesh_lib.make_mesh()
+    key = jax.random.key(3)
+    out = mesh_lib.replicate({"rng": key, "w": np.ones(2, np.float32)}, mesh)
+    assert out["rng"].sharding.is_fully_replicated
+    assert len(out["rng"].sharding.device_set) == 4
+    np.testing.assert_array_equal(jax.random.key_data(out["rng"]), jax.random.key_data(key))
+    np.testing.assert_array_equal(np.asarray(out["w"]), np.ones(2, np.float32))
