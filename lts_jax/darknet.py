@@ -157,10 +157,18 @@ class DarkNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
 
-    @nn.compact
     def __call__(
         self, image: jax.Array, *, train: bool
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(C3, C4, C5): strides 8, 16, 32."""
+        return self.levels(image, train=train)[2:]
+
+    @nn.compact
+    def levels(self, image: jax.Array, *, train: bool) -> tuple[jax.Array, ...]:
+        """Every stage's output, (C1, ..., C5) at strides 2, 4, 8, 16, 32.
+
+        The segment stage's optional skips read C1/C2; the same parameters as ``__call__``.
+        """
         if len(self.stage_blocks) != 5:
             raise ValueError(f"DarkNet needs 5 stages, got {self.stage_blocks}")
         use_ra = self.bn_frozen or not train
@@ -175,4 +183,4 @@ class DarkNet(nn.Module):
                     x, use_running_average=use_ra
                 )
             outputs.append(x)
-        return outputs[2], outputs[3], outputs[4]
+        return tuple(outputs)

@@ -1,12 +1,13 @@
 """Evaluation of one split: jitted forward over the mesh, metrics at the original resolution.
 
-Per batch the device runs the model and upsamples the [S/4, S/4] mask logits bilinearly
-to S x S (static shapes, so one compilation per model/mesh/batch shape). The host then
-maps every valid example back to its original H x W (``letterbox.unletterbox``: crop the
-padding, bilinear resize), thresholds it (``metrics.binarize``) and counts intersection
-and union against ``orig_mask[:H, :W]``. The next batch is dispatched before the host
-work on the current one so device and host overlap. Sums are combined across hosts
-exactly (``metrics.allgather_sums``) and only then turned into ratios.
+Per batch the device runs the model and upsamples the [S/o, S/o] mask logits
+(o = ``segment.out_stride``) bilinearly to S x S (static shapes, so one compilation
+per model/mesh/batch shape). The host then maps every valid example back to its
+original H x W (``letterbox.unletterbox``: crop the padding, bilinear resize),
+thresholds it (``metrics.binarize``) and counts intersection and union against
+``orig_mask[:H, :W]``. The next batch is dispatched before the host work on the
+current one so device and host overlap. Sums are combined across hosts exactly
+(``metrics.allgather_sums``) and only then turned into ratios.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ object. Average pooling, rather than nearest sampling, keeps thin objects that
 fall between sample points and makes the loss a smooth function of the mask;
 its minimum is the targets' entropy rather than 0 on boundary cells.
 
-- mask loss: BCE(mask logits at stride 4, pooled mask)
+- mask loss: BCE(mask logits at the segment out_stride, 4 in the paper, pooled mask)
 - prior loss: BCE(prior logits at the locate stride, pooled mask)
 - dice loss: 1 - soft Dice(sigmoid(mask logits), pooled mask), smoothing 1
 total = mask + prior_weight * prior + dice_weight * dice
@@ -63,7 +63,7 @@ def lts_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total loss and its parts {'mask_loss', 'prior_loss', 'dice_loss'} (float32 scalars).
 
-    mask_logits f[B, S/4, S/4], prior_logits f[B, S/p, S/p], gt_mask f[B, S, S] in
+    mask_logits f[B, S/o, S/o], prior_logits f[B, S/p, S/p], gt_mask f[B, S, S] in
     {0, 1}; valid bool/float[B] (default: all valid). The Dice term is reported
     even when ``dice_weight`` is 0.
     """

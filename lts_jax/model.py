@@ -1,9 +1,10 @@
 """LTS (Locate then Segment) model: configs, construction and the top-level module.
 
 ``LTS(image, tokens, token_mask, train=...)`` -> ``(mask_logits, aux)`` with
-mask logits f32[B, S/4, S/4] and aux {'prior_logits', 'relevance'}: f32[B, S/p, S/p]
-(p = ``locate.stride``, relevance in [0, 1]). Parameters are float32 whatever
-the compute dtype; outputs are cast to float32.
+mask logits f32[B, S/o, S/o] (o = ``segment.out_stride``, 4 in the paper) and
+aux {'prior_logits', 'relevance'}: f32[B, S/p, S/p] (p = ``locate.stride``,
+relevance in [0, 1]). Parameters are float32 whatever the compute dtype;
+outputs are cast to float32.
 
 Top-level parameter subtrees are 'visual', 'text', 'fusion', 'locate',
 'segment' (the optimiser gives 'visual' its own learning-rate multiplier);
@@ -69,6 +70,8 @@ def model_config(variant: str = "full") -> ml_collections.ConfigDict:
     cfg.segment = ml_collections.ConfigDict()
     cfg.segment.dim = 256
     cfg.segment.num_convs = 2
+    cfg.segment.out_stride = 4  # mask logits at S / out_stride
+    cfg.segment.skip_dim = 0  # > 0: backbone C2 (and C1) skips of this width; 0 = paper
 
     if variant == "small":
         cfg.visual.width_mult = 0.25
@@ -115,11 +118,11 @@ class LTS(nn.Module):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         if image.shape[1] % 32 or image.shape[2] % 32:
             raise ValueError(f"image sides must be multiples of 32, got {image.shape[1:3]}")
-        c3, c4, c5 = self.visual(image.astype(self.dtype), train=train)
+        c1, c2, c3, c4, c5 = self.visual.levels(image.astype(self.dtype), train=train)
         words, sentence = self.text(tokens, token_mask)
         fused = self.fusion(c3, c4, c5, sentence, train=train)
         prior_logits, relevance = self.locate(fused, words, token_mask, sentence, train=train)
-        mask_logits = self.segment(fused, prior_logits, train=train)
+        mask_logits = self.segment(fused, prior_logits, train=train, skips={2: c1, 4: c2})
         aux = {
             "prior_logits": prior_logits.astype(jnp.float32),
             "relevance": relevance.astype(jnp.float32),
@@ -167,7 +170,14 @@ def create_model(cfg: ml_collections.ConfigDict, *, text_unroll: int = 1) -> LTS
             dtype=dtype,
             **bn,
         ),
-        segment=Segment(dim=cfg.segment.dim, num_convs=cfg.segment.num_convs, dtype=dtype, **bn),
+        segment=Segment(
+            dim=cfg.segment.dim,
+            num_convs=cfg.segment.num_convs,
+            out_stride=cfg.segment.out_stride,
+            skip_dim=cfg.segment.skip_dim,
+            dtype=dtype,
+            **bn,
+        ),
         dtype=dtype,
     )
 

@@ -1,7 +1,7 @@
 """Prediction on a user's image: masks, overlays and position-prior heat maps as PNGs.
 
 All expressions for one image go through the model in one batch (the letterboxed image
-repeated). The mask follows the evaluation path exactly: mask logits [S/4, S/4] ->
+repeated). The mask follows the evaluation path exactly: mask logits [S/o, S/o] ->
 bilinear to S x S (device) -> ``unletterbox`` to H x W -> ``metrics.binarize`` with
 ``config.threshold``. The prior heat map is sigmoid(prior logits) -> bilinear to S x S
 -> ``unletterbox`` to H x W.

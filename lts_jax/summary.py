@@ -56,8 +56,8 @@ def stage_costs(
     token_mask = sds((batch_size, max_text_len), jnp.bool_)
 
     out: dict[str, dict[str, float]] = {}
-    flops_v, (c3, c4, c5) = _flops(
-        model, variables, lambda m, x: m.visual(x.astype(m.dtype), train=False), image
+    flops_v, (c1, c2, c3, c4, c5) = _flops(
+        model, variables, lambda m, x: m.visual.levels(x.astype(m.dtype), train=False), image
     )
     flops_t, (words, sentence) = _flops(
         model, variables, lambda m, t, k: m.text(t, k), tokens, token_mask
@@ -70,7 +70,9 @@ def stage_costs(
         fused, words, token_mask, sentence,
     )
     flops_s, _ = _flops(
-        model, variables, lambda m, *a: m.segment(*a, train=False), fused, prior
+        model, variables,
+        lambda m, f, p, s1, s2: m.segment(f, p, train=False, skips={2: s1, 4: s2}),
+        fused, prior, c1, c2,
     )
     flops_total, _ = _flops(
         model, variables, lambda m, *a: m(*a, train=False), image, tokens, token_mask

@@ -70,3 +70,18 @@ def test_tiny_shapes_and_batchnorm_modes() -> None:
     for a, b in zip(eval_f, train_f, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     jax.tree_util.tree_map(np.testing.assert_array_equal, stats_f, variables["batch_stats"])
+
+
+def test_levels_give_every_stage_and_call_gives_the_last_three() -> None:
+    blocks = stage_blocks_for_depth(0.125)
+    image = np.random.default_rng(2).uniform(size=(1, 64, 64, 3)).astype(np.float32)
+    model = DarkNet(width_mult=1 / 16, stage_blocks=blocks)
+    variables = model.init(KEY, image, train=False)
+    levels = model.apply(variables, image, train=False, method=DarkNet.levels)
+    _, channels = darknet_channels(1 / 16)
+    assert [x.shape for x in levels] == [
+        (1, 64 // s, 64 // s, c) for s, c in zip((2, 4, 8, 16, 32), channels, strict=True)
+    ]
+    # Same parameters either way: __call__ is levels()[2:].
+    for a, b in zip(model.apply(variables, image, train=False), levels[2:], strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -60,9 +60,9 @@ def test_fusion_shapes_and_sentence_modulation() -> None:
 def locate_setup() -> tuple:
     fused = _normal(7, (B, 8, 8, D))
     model = Locate(width=16, num_layers=1, num_heads=2, mlp_dim=32, dropout=0.1, stride=16)
-    variables = jax.jit(
-        lambda k: model.init(k, fused, WORDS, WORD_MASK, SENTENCE, train=False)
-    )(KEY)
+    variables = jax.jit(lambda k: model.init(k, fused, WORDS, WORD_MASK, SENTENCE, train=False))(
+        KEY
+    )
     return model, variables, fused
 
 
@@ -75,10 +75,12 @@ def test_locate_shapes_and_relevance_range(locate_setup: tuple) -> None:
     assert float(relevance.min()) >= 0.0 and float(relevance.max()) <= 1.0
     for stride, side in ((8, 8), (32, 2)):
         m = Locate(width=16, num_layers=1, num_heads=2, mlp_dim=32, stride=stride)
-        v = jax.eval_shape(lambda k, m=m: m.init(k, fused, WORDS, WORD_MASK, SENTENCE,
-                                                 train=False), KEY)
-        out = jax.eval_shape(lambda v, m=m: m.apply(v, fused, WORDS, WORD_MASK, SENTENCE,
-                                                    train=False), v)
+        v = jax.eval_shape(
+            lambda k, m=m: m.init(k, fused, WORDS, WORD_MASK, SENTENCE, train=False), KEY
+        )
+        out = jax.eval_shape(
+            lambda v, m=m: m.apply(v, fused, WORDS, WORD_MASK, SENTENCE, train=False), v
+        )
         assert out[0].shape == out[1].shape == (B, side, side)
 
 
@@ -90,8 +92,16 @@ def test_locate_ignores_padded_words_and_uses_dropout_only_in_training(
     @jax.jit
     def run(words: jax.Array, key: jax.Array) -> tuple:
         evaluation = model.apply(variables, fused, words, WORD_MASK, SENTENCE, train=False)
-        training, _ = model.apply(variables, fused, words, WORD_MASK, SENTENCE, train=True,
-                                  rngs={"dropout": key}, mutable=["batch_stats"])
+        training, _ = model.apply(
+            variables,
+            fused,
+            words,
+            WORD_MASK,
+            SENTENCE,
+            train=True,
+            rngs={"dropout": key},
+            mutable=["batch_stats"],
+        )
         return evaluation, training
 
     base_eval, train_a = run(WORDS, jax.random.key(1))
@@ -111,3 +121,43 @@ def test_segment_output_at_stride_four() -> None:
     logits = apply(variables, prior)
     assert logits.shape == (B, 16, 16) and logits.dtype == jnp.float32
     assert not np.allclose(apply(variables, -prior), logits, atol=1e-4)  # the prior is used
+
+
+@pytest.mark.parametrize(
+    "out_stride, side, up_layers",
+    [
+        (8, 8, set()),
+        (2, 32, {"conv_up", "conv_up_s2"}),
+        (1, 64, {"conv_up", "conv_up_s2", "conv_up_s1"}),
+    ],
+)
+def test_segment_out_stride_sets_mask_resolution(out_stride, side, up_layers) -> None:
+    fused, prior = _normal(8, (B, 8, 8, D)), _normal(9, (B, 4, 4))
+    model = Segment(dim=D, num_convs=1, out_stride=out_stride)
+    variables = model.init(KEY, fused, prior, train=False)
+    assert {k for k in variables["params"] if k.startswith("conv_up")} == up_layers
+    logits = model.apply(variables, fused, prior, train=False)
+    assert logits.shape == (B, side, side)
+
+
+def test_segment_rejects_unknown_out_stride() -> None:
+    fused, prior = _normal(8, (B, 8, 8, D)), _normal(9, (B, 4, 4))
+    with pytest.raises(ValueError, match="out_stride must be one of"):
+        Segment(dim=D, out_stride=3).init(KEY, fused, prior, train=False)
+
+
+def test_segment_skips_feed_each_upsampled_stride() -> None:
+    fused, prior = _normal(8, (B, 8, 8, D)), _normal(9, (B, 4, 4))
+    skips = {4: _normal(10, (B, 16, 16, 6)), 2: _normal(11, (B, 32, 32, 3))}
+    model = Segment(dim=D, num_convs=1, out_stride=2, skip_dim=4)
+    variables = model.init(KEY, fused, prior, train=False, skips=skips)
+    assert {"skip_s4", "skip_s2"} <= set(variables["params"])
+    apply = jax.jit(lambda v, s: model.apply(v, fused, prior, train=False, skips=s))
+    logits = apply(variables, skips)
+    assert logits.shape == (B, 32, 32)
+    # each skip reaches the output
+    for stride in (4, 2):
+        changed = {**skips, stride: -skips[stride]}
+        assert not np.allclose(apply(variables, changed), logits, atol=1e-4)
+    with pytest.raises(ValueError, match="needs the stride-2 feature"):
+        model.apply(variables, fused, prior, train=False, skips={4: skips[4]})

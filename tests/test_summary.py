@@ -19,8 +19,12 @@ def _tiny() -> object:
     return cfg
 
 
-def test_stage_costs_add_up() -> None:
-    costs = stage_costs(_tiny(), image_size=64, max_text_len=6)
+@pytest.mark.parametrize("skip_dim", [0, 4])
+def test_stage_costs_add_up(skip_dim: int) -> None:
+    cfg = _tiny()
+    if skip_dim:  # the RefShapes decoder: stride-2 logits with C1/C2 skips
+        cfg.segment.out_stride, cfg.segment.skip_dim = 2, skip_dim
+    costs = stage_costs(cfg, image_size=64, max_text_len=6)
     assert list(costs) == [*STAGES, "total"]
     assert sum(costs[s]["params"] for s in STAGES) == costs["total"]["params"]
     assert all(costs[s]["flops"] > 0 for s in STAGES)
