@@ -52,10 +52,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.batch_size = 8 if tiny else 32
     config.eval_batch_size = 8 if tiny else 64
-    config.num_train_steps = 4 if tiny else 1200
+    config.num_train_steps = 4 if tiny else 1500
     config.log_every = 2 if tiny else 50
-    config.eval_every = 4 if tiny else 600
-    config.checkpoint_every = 2 if tiny else 600
+    config.eval_every = 4 if tiny else 500
+    config.checkpoint_every = 2 if tiny else 500
     config.keep_checkpoints = 2
     config.threshold = 0.5
     return config
