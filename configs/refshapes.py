@@ -4,6 +4,10 @@ Builds the data from a seed, trains the 'small' model and evaluates it::
 
     python train.py --config configs/refshapes.py --workdir runs/refshapes
 
+About 8 minutes on 2 CPU cores (1,500 steps at 96x96), ~94% validation mIoU. The decoder
+departs from the paper's: mask logits at stride 2 with C1/C2 skips (README, "What the main
+job gives"); the RefCOCO configs keep the paper's stride-4 decoder.
+
 ``configs/refshapes.py:tiny`` (alias ``:test``) is the few-second variant used by the tests:
 tiny model, 64x64 images, a handful of steps. Any field can be overridden, e.g.
 ``--config.num_train_steps=500``; a mistyped field name is an error.
