@@ -104,6 +104,11 @@ def test_model_configs() -> None:
     for field, bad in (("dtype", "float16"), ("bn_mode", "sync")):
         with pytest.raises(ValueError, match=field):
             create_model(tiny_config(**{field: bad}))
+    for out_stride, skip_dim in ((3, 0), (1, 4), (4, -1)):
+        cfg = tiny_config()
+        cfg.segment.out_stride, cfg.segment.skip_dim = out_stride, skip_dim
+        with pytest.raises(ValueError, match="segment"):
+            create_model(cfg)
 
 
 def test_full_model_shapes_at_416() -> None:
