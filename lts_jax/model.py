@@ -24,7 +24,7 @@ import ml_collections
 from lts_jax.darknet import DarkNet, stage_blocks_for_depth
 from lts_jax.fusion import Fusion
 from lts_jax.locate import Locate
-from lts_jax.segment import OUT_STRIDES, Segment
+from lts_jax.segment import Segment
 from lts_jax.text_encoder import TextEncoder
 
 VARIANTS = ("tiny", "small", "full")
@@ -142,14 +142,6 @@ def create_model(cfg: ml_collections.ConfigDict, *, text_unroll: int = 1) -> LTS
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {cfg.dtype!r}")
     if cfg.bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {cfg.bn_mode!r}")
-    seg = cfg.segment
-    if seg.out_stride not in OUT_STRIDES:
-        raise ValueError(f"segment.out_stride must be one of {OUT_STRIDES}, got {seg.out_stride}")
-    if seg.skip_dim < 0 or (seg.skip_dim > 0 and seg.out_stride < 2):
-        raise ValueError(
-            f"segment.skip_dim={seg.skip_dim} with segment.out_stride={seg.out_stride}: skips "
-            "need skip_dim >= 0 and out_stride >= 2 (the backbone has no stride-1 feature)"
-        )
     dtype = DTYPES[cfg.dtype]
     bn = dict(bn_momentum=cfg.bn_momentum, bn_epsilon=cfg.bn_epsilon)
     return LTS(

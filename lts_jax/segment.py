@@ -50,6 +50,20 @@ class Segment(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
 
+    def __post_init__(self) -> None:
+        # At construction, so create_model fails before any tracing, with the config's names.
+        if self.out_stride not in OUT_STRIDES:
+            raise ValueError(
+                f"segment.out_stride must be one of {OUT_STRIDES}, got {self.out_stride}"
+            )
+        if self.skip_dim < 0 or (self.skip_dim > 0 and self.out_stride < 2):
+            raise ValueError(
+                f"segment.skip_dim={self.skip_dim} with segment.out_stride={self.out_stride}: "
+                "skips need skip_dim >= 0 and out_stride >= 2 (the backbone has no stride-1 "
+                "feature)"
+            )
+        super().__post_init__()
+
     @nn.compact
     def __call__(
         self,
@@ -62,10 +76,6 @@ class Segment(nn.Module):
         kw = dict(
             act="relu", dtype=self.dtype, bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon
         )
-        if self.out_stride not in OUT_STRIDES:
-            raise ValueError(
-                f"segment out_stride must be one of {OUT_STRIDES}, got {self.out_stride}"
-            )
         b, h, w, _ = fused.shape
         prior = jax.nn.sigmoid(prior_logits.astype(jnp.float32))[..., None]
         prior = resize_bilinear(prior, h, w).astype(self.dtype)
