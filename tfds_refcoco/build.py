@@ -14,9 +14,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tfds_refcoco import records, refer
+from tfds_refcoco import combined, records, refer
 
-SPLIT_ORDER = ("train", "validation", "testA", "testB", "test")
+SPLIT_ORDER = ("train", "validation", "testA", "testB", "test", *combined.eval_split_names())
 _COLUMNS = ("objects", "images", "expressions")
 
 
@@ -45,7 +45,8 @@ def format_skipped(skipped: Sequence[Mapping[str, Any]]) -> str:
         return ""
     lines = [f"skipped {len(skipped)} object(s):"]
     lines += [
-        f"  ref_id={s['ref_id']} ann_id={s['ann_id']} split={s['split']}: {s['reason']}"
+        f"  {'source=' + s['source'] + ' ' if s.get('source') else ''}ref_id={s['ref_id']} "
+        f"ann_id={s['ann_id']} split={s['split']}: {s['reason']}"
         for s in skipped
     ]
     return "\n".join(lines)
@@ -81,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(f"{records.BUILDER_NAME}/{args.config} in {args.data_dir}")
     print(format_counts(counts))
+    stats = records.combined_stats(args.config, args.data_dir)
+    if stats:
+        print(combined.format_stats(stats))
     report = format_skipped(records.skipped(args.config, args.data_dir))
     if report:
         print(report)

@@ -67,7 +67,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from tfds_refcoco import masks, refer, validate
+from tfds_refcoco import combined, masks, refer, validate
 
 BUILDER_NAME = "refcoco_masks"
 REFSHAPES_RAW_DIR = "downloads/refshapes_raw"  # relative to data_dir
@@ -114,6 +114,9 @@ CONFIGS: tuple[RefConfig, ...] = (
     _config("refcocog_umd", "refcocog", "umd", "RefCOCOg, UMD partition (train/val/test)."),
     _config("refcocog_google", "refcocog", "google", "RefCOCOg, Google partition (train/val)."),
     _config("refshapes", "refshapes", "unc", "RefShapes: synthetic shapes in the refer layout."),
+    _config(combined.CONFIG_NAME, "refcocox", "combined",
+            "refcoco_unc + refcocoplus_unc + refcocog_umd train minus every object on an image "
+            "of any of their eval splits; those eight splits as <source>_<split>."),
 )
 CONFIG_NAMES: tuple[str, ...] = tuple(c.name for c in CONFIGS)
 
@@ -122,6 +125,11 @@ def raw_refshapes_dir(data_dir: str | os.PathLike, num_images: int | None = None
     """Where a generated RefShapes' raw files live under ``data_dir``."""
     tag = "default" if num_images is None else str(num_images)
     return Path(data_dir) / REFSHAPES_RAW_DIR / f"n{tag}"
+
+
+def _record_key(obj: refer.RefObject) -> int | str:
+    # Combined: ref_ids repeat across datasets, (source, ref_id) does not.
+    return combined.record_key(obj) if isinstance(obj, combined.SourcedObject) else obj.ref_id
 
 
 class RefcocoMasks(tfds.core.GeneratorBasedBuilder):
@@ -180,6 +188,10 @@ RefShapes needs no download: without --manual_dir it is generated under <data_di
         self._explicit_manual_dir: Path | None = None
         self._counts: dict[str, dict[str, int]] = {}
         self._skipped: list[validate.Problem] = []
+        self._combined_stats: dict[str, Any] = {}
+
+    def _is_combined(self) -> bool:
+        return self.builder_config.name == combined.CONFIG_NAME
 
     def _info(self) -> tfds.core.DatasetInfo:
         string = np.object_
@@ -199,6 +211,9 @@ RefShapes needs no download: without --manual_dir it is generated under <data_di
                     "ref_id": tfds.features.Scalar(dtype=np.int64),
                     "height": tfds.features.Scalar(dtype=np.int64),
                     "width": tfds.features.Scalar(dtype=np.int64),
+                    # refcocox_combined only: which dataset the example comes from.
+                    **({"source": tfds.features.Tensor(shape=(), dtype=string)}
+                       if self._is_combined() else {}),
                 }
             ),
             homepage="https://github.com/lichengunc/refer",
@@ -221,6 +236,8 @@ RefShapes needs no download: without --manual_dir it is generated under <data_di
             "dataset": self.builder_config.dataset,
             "partition": self.builder_config.partition,
         }
+        if self._is_combined():
+            self.info.metadata["combined"] = self._combined_stats
 
     def _raw_root(self, dl_manager: Any) -> Path:
         cfg = self.builder_config
@@ -238,7 +255,10 @@ RefShapes needs no download: without --manual_dir it is generated under <data_di
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
         cfg = self.builder_config
-        by_split = refer.read_refer(self._raw_root(dl_manager), cfg.dataset, cfg.partition)
+        if self._is_combined():
+            by_split, self._combined_stats = combined.read_combined(self._raw_root(dl_manager))
+        else:
+            by_split = refer.read_refer(self._raw_root(dl_manager), cfg.dataset, cfg.partition)
         problems = validate.find_problems(by_split)
         if problems and not self._skip_corrupt:
             raise refer.ReferFormatError(
@@ -247,8 +267,11 @@ RefShapes needs no download: without --manual_dir it is generated under <data_di
             )
         for p in problems:
             logging.warning("Skipped ref_id=%d (ann_id=%d): %s", p.ref_id, p.ann_id, p.reason)
-        bad = {p.ref_id for p in problems}
-        by_split = {s: [o for o in objs if o.ref_id not in bad] for s, objs in by_split.items()}
+        bad = {(p.source, p.ref_id) for p in problems}  # combined: ref_ids repeat per source
+        by_split = {
+            s: [o for o in objs if (getattr(o, "source", ""), o.ref_id) not in bad]
+            for s, objs in by_split.items()
+        }
         emptied = sorted(s for s, objs in by_split.items() if not objs)
         if emptied:  # TFDS cannot write an empty split; say why instead
             raise refer.ReferFormatError(
@@ -280,6 +303,7 @@ RefShapes needs no download: without --manual_dir it is generated under <data_di
             "ref_id": obj.ref_id,
             "height": obj.height,
             "width": obj.width,
+            **({"source": obj.source} if isinstance(obj, combined.SourcedObject) else {}),
         }
 
     def _generate_examples(
@@ -290,4 +314,4 @@ RefShapes needs no download: without --manual_dir it is generated under <data_di
         for obj in objects:
             if obj.image_id != current_id:
                 current_id, current_bytes = obj.image_id, obj.image_path.read_bytes()
-            yield obj.ref_id, self._example(obj, current_bytes)
+            yield _record_key(obj), self._example(obj, current_bytes)

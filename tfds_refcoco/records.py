@@ -92,6 +92,12 @@ def skipped(config_name: str, data_dir: str | os.PathLike) -> list[dict[str, Any
     return list(b.info.metadata.get("skipped", []))
 
 
+def combined_stats(config_name: str, data_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """What refcocox_combined's no-leak rule removed (see tfds_refcoco.combined.combine),
+    or None for the other configs."""
+    return _prepared_builder(config_name, data_dir).info.metadata.get("combined")
+
+
 def _prepared_builder(config_name: str, data_dir: str | os.PathLike) -> builder_lib.RefcocoMasks:
     b = get_builder(config_name, data_dir)
     if not (b.data_path.exists() and b.is_prepared()):

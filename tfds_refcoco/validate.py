@@ -23,6 +23,7 @@ class Problem:
     ann_id: int
     split: str
     reason: str
+    source: str = ""  # refcocox_combined: the dataset (ref_ids repeat across datasets)
 
 
 def find_problems(by_split: Mapping[str, Sequence[RefObject]]) -> list[Problem]:
@@ -38,7 +39,8 @@ def find_problems(by_split: Mapping[str, Sequence[RefObject]]) -> list[Problem]:
         for obj in objects:
             reason = _problem(obj, image_errors)
             if reason is not None:
-                problems.append(Problem(obj.ref_id, obj.ann_id, split, reason))
+                source = getattr(obj, "source", "")
+                problems.append(Problem(obj.ref_id, obj.ann_id, split, reason, source))
     return problems
 
 
@@ -66,7 +68,8 @@ def _problem(obj: RefObject, image_errors: dict[int, str | None]) -> str | None:
 def format_problems(problems: Sequence[Problem], limit: int = 50) -> str:
     """One line per problem (the first ``limit``), each naming the ref and ann ids."""
     lines = [
-        f"  ref_id={p.ref_id} ann_id={p.ann_id} split={p.split}: {p.reason}"
+        f"  {f'source={p.source} ' if p.source else ''}ref_id={p.ref_id} ann_id={p.ann_id} "
+        f"split={p.split}: {p.reason}"
         for p in problems[:limit]
     ]
     if len(problems) > limit:
