@@ -234,3 +234,12 @@ def test_build_cli_prints_what_the_rule_removed(built, raw_root):
     assert "refcoco: 3 of 8 objects (2 of 4 images) removed; 5 kept" in out
     assert "total: 5 objects removed (3 distinct images); 15 objects on 3 images kept" in out
     assert json.loads(json.dumps(records.combined_stats(CONFIG, data_dir))) == FIXTURE_STATS
+
+
+def test_training_config_trains_on_combined_and_evaluates_all_eight():
+    from configs import refcocox_combined
+
+    config = refcocox_combined.get_config()
+    assert config.data.dataset == CONFIG and config.data.train_split == "train"
+    assert tuple(config.data.eval_splits.split(",")) == combined.eval_split_names()
+    assert CONFIG in records.CONFIG_NAMES
