@@ -24,6 +24,10 @@ refcocog_google   refcocog/          44,822 (24,698) / 5,000 (4,650); no test
                   refs(google)
 refshapes         refshapes/         train / validation / testA / testB, synthetic,
                   refs(unc)          generated under data_dir if no manual_dir
+refcocox_combined the three above:   train: the three train splits minus every
+                  refcoco/refs(unc), object on an image of any of their eval splits;
+                  refcoco+/refs(unc) plus those eight eval splits unchanged, as
+                  refcocog/refs(umd) <source>_<split> (see tfds_refcoco.combined)
 ================  =================  =============================================
 
 Each example stores its image's full JPEG, so an image with k referred objects is
@@ -37,7 +41,9 @@ Features of an example (all flat Tensors/Scalars):
 - ``expressions``: every non-empty ``raw`` sentence, UTF-8, verbatim (non-ASCII
   kept); ``sent_ids``: their sent_ids, same order;
 - ``bbox``: float32 [x, y, w, h] in pixels (instances.json);
-- ``category_id``, ``image_id``, ``ann_id``, ``ref_id``, ``height``, ``width``.
+- ``category_id``, ``image_id``, ``ann_id``, ``ref_id``, ``height``, ``width``;
+- refcocox_combined only: ``source`` (b'refcoco', b'refcocoplus' or b'refcocog'),
+  since ref_ids repeat across datasets (its records are keyed by source/ref_id).
 
 Per-split counts of objects/images/expressions and every skipped object are stored
 in the dataset's ``metadata.json`` (``info.metadata``), so a prepared dataset can

@@ -14,7 +14,7 @@ so one prepared dataset (and one tokenizer, trained on the combined train split)
 training and the evaluation on all eight splits.
 
 Duplicates: the same COCO object (ann_id) is often referred to by two or three of the
-datasets, under unrelated ref_ids and sent_ids (refcoco and refcoco+ number both from 0).
+datasets, under unrelated ref_ids and sent_ids (each dataset numbers its own, so ids can repeat).
 Each (source, ref_id) stays its own example with that dataset's expressions; examples are
 keyed by ``"<source>/<ref_id>"``. big_vision instead merges the refs of one ann_id into one
 object; the set of (object, expression) pairs is the same, but merging would mix sent_id
