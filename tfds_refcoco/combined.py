@@ -22,6 +22,10 @@ numberings and lose which dataset (e.g. RefCOCO+'s no-location-words rule) an ex
 follows. The cost: an object referred to by k datasets is drawn k times as often when
 training samples objects uniformly.
 
+The rule and its stats work on the refs as read, before validation: an image stays
+forbidden even when skip_corrupt later drops its evaluation objects, and the builder's
+per-split counts (after skip_corrupt) can be lower than ``kept_objects``.
+
 Everything here is a pure function of what ``refer.read_refer`` returns, except
 ``read_combined``, which calls it.
 """
