@@ -180,6 +180,24 @@ def write_refs(path: Path, refs: Any) -> None:
     path.write_bytes(pickle.dumps(refs, protocol=2))
 
 
+def write_py2_refs(path: Path, refs: list[dict], latin1_sent_ids: Sequence[int] = ()) -> None:
+    """``refs`` pickled as Python 2 wrote them: every text a py2 ``str`` (bytes), UTF-8,
+    except the ``raw`` of the sentences in ``latin1_sent_ids``, written as latin-1 bytes."""
+    from bench.build_dataset import dumps_py2  # the bench's generator writes these too
+
+    def py2(x: Any, latin1: bool = False) -> Any:
+        if isinstance(x, str):
+            return x.encode("latin-1" if latin1 else "utf-8")
+        if isinstance(x, list):
+            return [py2(v) for v in x]
+        if isinstance(x, dict):
+            return {py2(k): py2(v, latin1=k == "raw" and x.get("sent_id") in latin1_sent_ids)
+                    for k, v in x.items()}
+        return x
+
+    path.write_bytes(dumps_py2(py2(refs)))
+
+
 @dataclasses.dataclass
 class ReferFixture:
     root: Path

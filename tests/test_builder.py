@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -208,11 +209,11 @@ def test_failure_mid_generation_leaves_nothing_and_rerun_succeeds(tmp_path, monk
     shards_at_failure: list[Path] = []
     example = builder.RefcocoMasks._example
 
-    def crash_in_testb(self, obj, image_bytes):  # e.g. the disk fills up
+    def crash_in_testb(self, obj, *rest):  # e.g. the disk fills up
         if obj.split == "testB":
             shards_at_failure.extend(data_dir.rglob("*.array_record-*"))
             raise OSError("No space left on device")
-        return example(self, obj, image_bytes)
+        return example(self, obj, *rest)
 
     monkeypatch.setattr(builder.RefcocoMasks, "_example", crash_in_testb)
     with pytest.raises(OSError, match="No space left"):
@@ -316,6 +317,46 @@ def test_skip_corrupt_skips_and_reports_every_ref(damaged, tmp_path):
     assert kept.isdisjoint({1101, 1201, 1202, 1302})
 
 
+def test_missing_image_fails_naming_it_or_is_skipped(tmp_path):
+    raw = rf.write_refer_fixture(tmp_path / "raw", datasets=("refcoco",))
+    gone = raw.image_path(5)  # ref 1501; its split (validation) keeps image 2
+    gone.unlink()
+    with pytest.raises(refer.ReferFormatError, match=r"^1 image\(s\) referred to by the refs not "
+                       r"found:\n  .*000000000005\.jpg\nPass --skip_corrupt"):
+        records.prepare("refcoco_unc", tmp_path / "data", raw.root)
+    _assert_not_prepared("refcoco_unc", tmp_path / "data")
+
+    counts = records.prepare("refcoco_unc", tmp_path / "data", raw.root, skip_corrupt=True)
+    assert [(s["ref_id"], s["split"], s["reason"])
+            for s in records.skipped("refcoco_unc", tmp_path / "data")] == [
+        (1501, "validation", f"image file missing: {gone}")]
+    full = expected_counts("refcoco", "unc")
+    assert counts["validation"]["objects"] == full["validation"]["objects"] - 1
+    assert counts["train"] == full["train"]
+
+
+def test_latin1_refs_are_built_and_reported(tmp_path):
+    raw = rf.write_refer_fixture(tmp_path / "raw", datasets=("refcoco",))
+    refs = rf.make_refs("refcoco", "unc")
+    ref = next(r for r in refs if r["ref_id"] == 1201)  # validation
+    ref["sentences"][1]["raw"] = "the señor's crème"
+    sent_id = ref["sentences"][1]["sent_id"]
+    rf.write_py2_refs(raw.refs_path("refcoco", "unc"), refs, latin1_sent_ids=[sent_id])
+    proc = _run_cli("--config", "refcoco_unc", "--manual_dir", str(raw.root),
+                    "--data_dir", str(tmp_path / "data"), "--num_workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    line = "1 expression(s) were not valid UTF-8; their other bytes were read as latin-1: "
+    assert f"{line}ref_id=1201 sent_id={sent_id}" in proc.stdout
+    assert f"ref_id=1201 sent_id={sent_id}" in proc.stderr  # the build's warning
+    assert records.latin1_fallback("refcoco_unc", tmp_path / "data") == [
+        {"ref_id": 1201, "sent_id": sent_id, "source": ""}]
+    b = records.get_builder("refcoco_unc", tmp_path / "data")
+    assert b.info.metadata["latin1_fallback"]["count"] == 1
+    texts = [t for r in records.data_source("refcoco_unc", "validation", tmp_path / "data")
+             for t in records.decode_expressions(r)]
+    assert "the señor's crème" in texts
+
+
 @pytest.mark.parametrize("damage", ["image", "expressions"])
 def test_split_with_every_object_skipped_is_an_error(tmp_path, damage):
     raw = rf.write_refer_fixture(tmp_path / "raw", datasets=("refcoco",))
@@ -375,6 +416,24 @@ def test_build_cli_reports_errors_and_skips(damaged, tmp_path):
     assert "skipped 4 object(s)" in proc.stdout
     for ref_id in (1101, 1201, 1202, 1302):
         assert f"ref_id={ref_id} " in proc.stdout
+
+
+def test_build_cli_missing_image_error_and_skip(raw, tmp_path):
+    manual = tmp_path / "raw"
+    shutil.copytree(raw.root, manual)
+    (manual / "train2014" / rf.file_name(2)).unlink()
+    args = ("--config", "refcoco_unc", "--manual_dir", str(manual), "--data_dir",
+            str(tmp_path / "data"), "--num_workers", "1")
+    proc = _run_cli(*args)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: 1 image(s) referred to by the refs not found:\n")
+    assert rf.file_name(2) in proc.stderr and "Pass --skip_corrupt" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = _run_cli(*args, "--skip_corrupt")
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 2 object(s)" in proc.stdout
+    missing = manual / "train2014" / rf.file_name(2)
+    assert f"ref_id=1201 ann_id=201 split=validation: image file missing: {missing}" in proc.stdout
 
 
 def test_format_counts_orders_splits_and_totals():

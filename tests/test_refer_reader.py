@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -58,6 +59,46 @@ def test_python2_str_decodes_as_utf8():
     # A Python 2 `str` is pickled as SHORT_BINSTRING (bytes); the originals were written so.
     py2_pickle = b"\x80\x02]q\x00U\x05caf\xc3\xa9q\x01a."
     assert safe_pickle.loads_plain(py2_pickle) == ["café"]
+
+
+def test_python2_str_not_utf8_falls_back_to_latin1_per_byte():
+    # 'caf\xe9' is latin-1 (an old editor), 'caf\xc3\xa9' UTF-8, in one Python 2 pickle.
+    py2_pickle = b"\x80\x02]q\x00(U\x04caf\xe9q\x01U\x05caf\xc3\xa9q\x02e."
+    latin1, utf8 = safe_pickle.loads_plain(py2_pickle)
+    assert latin1 == utf8 == "café"
+    assert isinstance(latin1, safe_pickle.Latin1Text)
+    assert not isinstance(utf8, safe_pickle.Latin1Text)
+    # Valid UTF-8 sequences stay UTF-8; only the stray bytes are read as latin-1.
+    assert safe_pickle.decode_py2_str(b"\xe9t\xe9 caf\xc3\xa9") == "été café"
+    assert type(safe_pickle.decode_py2_str("café".encode())) is str
+
+
+def test_python2_refs_file_reads_like_a_python3_one(tmp_path):
+    rf.write_refer_fixture(tmp_path, datasets=("refcoco",))
+    py3 = refer.read_refer(tmp_path, "refcoco", "unc")
+    path = tmp_path / "refcoco" / "refs(unc).p"
+    rf.write_py2_refs(path, rf.make_refs("refcoco", "unc"))
+    assert b"X" not in path.read_bytes()[:3] and b"U\x06ref_id" in path.read_bytes()
+    assert refer.read_refer(tmp_path, "refcoco", "unc") == py3
+
+
+def test_latin1_sentence_is_kept_and_reported(tmp_path, caplog):
+    fx = rf.write_refer_fixture(tmp_path, datasets=("refcoco",))
+    refs = rf.make_refs("refcoco", "unc")
+    refs[0]["sentences"][1]["raw"] = "the crème brûlée on the left"
+    sent_id = refs[0]["sentences"][1]["sent_id"]
+    rf.write_py2_refs(fx.refs_path("refcoco", "unc"), refs, latin1_sent_ids=[sent_id])
+    assert "crème".encode("latin-1") in fx.refs_path("refcoco", "unc").read_bytes()
+    with caplog.at_level(logging.WARNING):
+        by_split = refer.read_refer(tmp_path, "refcoco", "unc")
+    obj = next(o for o in by_split["train"] if o.ref_id == refs[0]["ref_id"])
+    assert obj.expressions[1] == "the crème brûlée on the left"
+    assert type(obj.expressions[1]) is str
+    assert obj.latin1_sent_ids == (sent_id,)
+    others = [o for objs in by_split.values() for o in objs if o is not obj]
+    assert all(o.latin1_sent_ids == () for o in others)
+    assert "1 sentence(s) are not valid UTF-8" in caplog.text
+    assert f"ref_id={refs[0]['ref_id']} sent_id={sent_id}" in caplog.text
 
 
 @pytest.mark.parametrize("payload_cls", [_SystemPayload, _OpenPayload])
@@ -173,9 +214,21 @@ def test_missing_images_are_all_named(tmp_path):
     fx = rf.write_refer_fixture(tmp_path, datasets=("refcoco",))
     fx.image_path(3).unlink()
     fx.image_path(5).unlink()
-    with pytest.raises(refer.ReferFormatError, match=r"2 image\(s\) referred to by .*refs\(unc\)"
-                       r"\.p not found:\n.*000000000003\.jpg\n.*000000000005\.jpg"):
-        refer.read_refer(tmp_path, "refcoco", "unc")
+    by_split = refer.read_refer(tmp_path, "refcoco", "unc")  # joining is not checking
+    objects = [o for objs in by_split.values() for o in objs]
+    assert refer.missing_images(objects) == [fx.image_path(3), fx.image_path(5)]
+    with pytest.raises(refer.ReferFormatError, match=r"^2 image\(s\) referred to by the refs "
+                       r"not found:\n.*000000000003\.jpg\n.*000000000005\.jpg\nPass "
+                       r"--skip_corrupt \(skip_corrupt=True\) to leave out their 3 object\(s\) "
+                       r"and list them(.|\n)*/train2014/COCO_train2014_\*\.jpg"):
+        refer.check_images_exist(by_split)
+    with pytest.raises(refer.ReferFormatError, match=r"000000000003\.jpg\n  \.\.\. and 1 more\n"):
+        refer.check_images_exist(by_split, shown=1)
+    # Validation (what skip_corrupt skips) names them per object.
+    reasons = {p.ref_id: p.reason for p in validate.find_problems(by_split)}
+    assert reasons == {1301: f"image file missing: {fx.image_path(3)}",
+                       1302: f"image file missing: {fx.image_path(3)}",
+                       1501: f"image file missing: {fx.image_path(5)}"}
 
 
 def test_missing_image_folder(tmp_path):

@@ -1,7 +1,7 @@
 """Build one refcoco_masks config without TensorFlow and print its per-split counts.
 
     python -m tfds_refcoco.build --config refcoco_unc --manual_dir DIR --data_dir DIR \
-        [--skip_corrupt] [--refshapes_num_images N]
+        [--skip_corrupt] [--refshapes_num_images N] [--num_workers N]
 
 (The ``tfds build`` CLI and ``tfds.testing`` import TensorFlow; this drives
 ``download_and_prepare`` from Python instead, through ``records.prepare``.)
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tfds_refcoco import combined, records, refer
+from tfds_refcoco import build_lock, combined, records, refer
 
 SPLIT_ORDER = ("train", "validation", "testA", "testB", "test", *combined.eval_split_names())
 _COLUMNS = ("objects", "images", "expressions")
@@ -62,11 +62,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--skip_corrupt", action="store_true",
-        help="leave out (and list) objects with a corrupt image, an empty mask or no expression",
+        help="leave out (and list) objects with a missing or corrupt image, an empty mask or no "
+        "expression",
     )
     parser.add_argument(
         "--refshapes_num_images", type=int, default=None,
         help="number of images of a generated RefShapes (default: the generator's)",
+    )
+    parser.add_argument(
+        "--num_workers", type=int, default=None,
+        help="processes for image checks and masks (default: every available core; 1 = "
+        "serial); the written records are the same whatever the number",
     )
     args = parser.parse_args(argv)
     try:
@@ -76,8 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             manual_dir=args.manual_dir,
             skip_corrupt=args.skip_corrupt,
             refshapes_num_images=args.refshapes_num_images,
+            num_workers=args.num_workers,
         )
-    except (refer.ReferFormatError, FileNotFoundError) as e:
+    except (refer.ReferFormatError, FileNotFoundError, build_lock.BuildLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{records.BUILDER_NAME}/{args.config} in {args.data_dir}")
@@ -88,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = format_skipped(records.skipped(args.config, args.data_dir))
     if report:
         print(report)
+    latin1 = records.latin1_fallback(args.config, args.data_dir)
+    if latin1:
+        print(f"{len(latin1)} expression(s) were not valid UTF-8; their other bytes were read "
+              "as latin-1: " + ", ".join(f"ref_id={s['ref_id']} sent_id={s['sent_id']}"
+                                         for s in latin1[:20])
+              + (f" and {len(latin1) - 20} more" if len(latin1) > 20 else ""))
     return 0
 
 

@@ -58,6 +58,18 @@ refs/instances raise ``ReferFormatError`` naming the file and the expected layou
 Any other error during generation propagates; TFDS writes into a temporary
 ``incomplete.*`` directory and renames it only on success, so a failed build leaves
 nothing that looks prepared, and a rerun starts from scratch.
+
+A missing image file is an error naming the files (or, with ``skip_corrupt``, its
+objects are skipped with the reason ``image file missing: <path>``). Python 2 refs
+strings that are not valid UTF-8 are read with a latin-1 fallback (see ``refer``),
+warned about and listed in ``metadata.json`` (``latin1_fallback``).
+
+Speed: validation (a full decode of every image) and the masks (rasterise + PNG)
+run on ``num_workers`` processes (default: every core this process may use), in
+order, so the records are byte-identical to a one-worker build. One build of a
+config per data_dir at a time (``build_lock``: a second one stops with a one-line
+message), and holding that lock a build first removes the ``incomplete.*`` folders
+that killed builds left.
 """
 
 from __future__ import annotations
@@ -73,7 +85,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from tfds_refcoco import combined, masks, refer, validate
+from tfds_refcoco import build_lock, combined, masks, refer, validate, workers
 
 BUILDER_NAME = "refcoco_masks"
 REFSHAPES_RAW_DIR = "downloads/refshapes_raw"  # relative to data_dir
@@ -177,20 +189,29 @@ RefShapes needs no download: without --manual_dir it is generated under <data_di
         *,
         skip_corrupt: bool = False,
         refshapes_num_images: int | None = None,
+        num_workers: int | None = None,
         **kwargs: Any,
     ) -> None:
         """``skip_corrupt``: leave out (and report) objects that fail validation (corrupt
         image, malformed or zero-area segmentation, no expression) instead of failing.
         ``refshapes_num_images``: size of a generated RefShapes (None = its default).
+        ``num_workers``: processes for validation and masks (None = every available
+        core; 1 = all in this process). The records do not depend on it.
         Other keyword arguments go to ``tfds.core.GeneratorBasedBuilder``.
         """
         kwargs.setdefault("file_format", "array_record")  # random access, no TensorFlow
         super().__init__(**kwargs)
         self._skip_corrupt = skip_corrupt
         self._refshapes_num_images = refshapes_num_images
+        self._num_workers = num_workers or workers.default_num_workers()
         self._original_state.update(  # so a pickled builder keeps its options
-            skip_corrupt=skip_corrupt, refshapes_num_images=refshapes_num_images
+            skip_corrupt=skip_corrupt, refshapes_num_images=refshapes_num_images,
+            num_workers=num_workers,
         )
+        # The build's worker pool, only while _download_and_prepare runs (never pickled:
+        # TFDS pickles a builder through _original_state).
+        self._pool = workers.OrderedPool(1)
+        self._latin1: list[dict[str, Any]] = []
         self._explicit_manual_dir: Path | None = None
         self._counts: dict[str, dict[str, int]] = {}
         self._skipped: list[validate.Problem] = []
@@ -227,14 +248,32 @@ RefShapes needs no download: without --manual_dir it is generated under <data_di
             metadata=tfds.core.MetadataDict(),
         )
 
+    def download_and_prepare(self, *args: Any, **kwargs: Any) -> None:
+        """TFDS's download_and_prepare, holding this config's build lock (see build_lock):
+        a concurrent build of the same config stops with BuildLockedError, and the
+        ``incomplete.*`` folders of killed builds are removed first."""
+        config_dir = Path(os.fspath(self.data_path)).parent
+        what = f"{self.name}/{self.builder_config.name} in {self.data_dir_root}"
+        with build_lock.BuildLock(config_dir, what):
+            for stale in build_lock.remove_stale_incomplete(config_dir):
+                logging.warning("Removed %s, left by a build that did not finish", stale)
+            super().download_and_prepare(*args, **kwargs)
+
     def _download_and_prepare(self, dl_manager: Any, download_config: Any) -> None:
         # Remember whether the user named a manual_dir: only then is RefShapes read
         # from it rather than generated.
         self._explicit_manual_dir = (
             Path(download_config.manual_dir) if download_config.manual_dir else None
         )
-        self._counts, self._skipped = {}, []
-        super()._download_and_prepare(dl_manager, download_config)
+        self._counts, self._skipped, self._latin1 = {}, [], []
+        # The pool lives exactly as long as the build: closed (workers joined) however
+        # this ends, so an error never leaves processes behind.
+        with workers.OrderedPool(self._num_workers) as pool:
+            self._pool = pool
+            try:
+                super()._download_and_prepare(dl_manager, download_config)
+            finally:
+                self._pool = workers.OrderedPool(1)
         # Written with dataset_info.json into the temporary dir, so only on success.
         self.info.metadata["counts"] = self._counts
         self.info.metadata["skipped"] = [dataclasses.asdict(s) for s in self._skipped]
@@ -244,6 +283,8 @@ RefShapes needs no download: without --manual_dir it is generated under <data_di
         }
         if self._is_combined():
             self.info.metadata["combined"] = self._combined_stats
+        self.info.metadata["latin1_fallback"] = {
+            "count": len(self._latin1), "sentences": self._latin1}
 
     def _raw_root(self, dl_manager: Any) -> Path:
         cfg = self.builder_config
@@ -265,7 +306,13 @@ RefShapes needs no download: without --manual_dir it is generated under <data_di
             by_split, self._combined_stats = combined.read_combined(self._raw_root(dl_manager))
         else:
             by_split = refer.read_refer(self._raw_root(dl_manager), cfg.dataset, cfg.partition)
-        problems = validate.find_problems(by_split)
+        self._latin1 = [  # source: as in Problem, "" but for refcocox_combined
+            {"ref_id": o.ref_id, "sent_id": s, "source": getattr(o, "source", "")}
+            for objs in by_split.values() for o in objs for s in o.latin1_sent_ids
+        ]
+        if not self._skip_corrupt:  # a clear error before decoding 20k images
+            refer.check_images_exist(by_split)
+        problems = validate.find_problems(by_split, self._pool)
         if problems and not self._skip_corrupt:
             raise refer.ReferFormatError(
                 f"{len(problems)} object(s) cannot be used (pass skip_corrupt to leave them "
@@ -295,11 +342,12 @@ RefShapes needs no download: without --manual_dir it is generated under <data_di
         }
         return {split: self._generate_examples(objs) for split, objs in by_split.items()}
 
-    def _example(self, obj: refer.RefObject, image_bytes: bytes) -> dict[str, Any]:
-        mask = masks.segmentation_to_mask(obj.segmentation, obj.height, obj.width)
+    def _example(
+        self, obj: refer.RefObject, image_bytes: bytes, mask_png: bytes
+    ) -> dict[str, Any]:
         return {
             "image": image_bytes,  # the file as is: no re-encode
-            "mask": masks.encode_mask_png(mask),
+            "mask": mask_png,
             "expressions": list(obj.expressions),
             "sent_ids": list(obj.sent_ids),
             "bbox": np.asarray(obj.bbox, np.float32),
@@ -316,8 +364,12 @@ RefShapes needs no download: without --manual_dir it is generated under <data_di
         self, objects: list[refer.RefObject]
     ) -> Iterator[tuple[int, dict[str, Any]]]:
         # Every object here passed validation; sorted by image, so each file is read once.
+        # The masks (the costly part) come from the pool's workers, in order; the image
+        # bytes are read here, not shipped through a pipe.
+        pngs = self._pool.map(
+            masks.segmentation_png, ((o.segmentation, o.height, o.width) for o in objects))
         current_id, current_bytes = None, b""
-        for obj in objects:
+        for obj, png in zip(objects, pngs, strict=True):
             if obj.image_id != current_id:
                 current_id, current_bytes = obj.image_id, obj.image_path.read_bytes()
-            yield _record_key(obj), self._example(obj, current_bytes)
+            yield _record_key(obj), self._example(obj, current_bytes, png)

@@ -161,10 +161,23 @@ def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarr
 
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
-    """A {0, 1} mask as a 1-bit PNG (lossless and small)."""
+    """A {0, 1} mask as a 1-bit PNG (lossless and small).
+
+    zlib's default level, not ``optimize``: that is 4x the time (5 ms of a 640x480
+    mask) for ~100 bytes less, next to the ~160 KB JPEG stored with every mask.
+    """
     buf = io.BytesIO()
-    Image.fromarray(np.asarray(mask, dtype=bool)).save(buf, format="PNG", optimize=True)
+    Image.fromarray(np.asarray(mask, dtype=bool)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def segmentation_png(job: tuple[Any, int, int]) -> bytes:
+    """``encode_mask_png`` of the union mask of ``(segmentation, height, width)``.
+
+    One picklable call per object, for the build's worker processes.
+    """
+    segmentation, height, width = job
+    return encode_mask_png(segmentation_to_mask(segmentation, height, width))
 
 
 def decode_mask_png(data: bytes) -> np.ndarray:

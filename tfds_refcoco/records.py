@@ -56,6 +56,7 @@ def prepare(
     skip_corrupt: bool = False,
     *,
     refshapes_num_images: int | None = None,
+    num_workers: int | None = None,
 ) -> dict[str, dict[str, int]]:
     """Builds ``config_name`` into ``data_dir`` unless it is already fully prepared there.
 
@@ -63,12 +64,16 @@ def prepare(
     for ``refshapes`` it may be None, and the raw data is then generated under data_dir
     (``refshapes_num_images`` images; None = the generator's default). ``skip_corrupt``
     leaves out (and records, see ``skipped``) unusable objects instead of failing.
+    ``num_workers``: build processes (None = every available core); the records do not
+    depend on it. A build of the same config already running into ``data_dir`` makes
+    this raise ``build_lock.BuildLockedError`` (one line naming it and its holder).
 
     Returns {split: {'objects': n, 'images': n, 'expressions': n}}. An existing
     dataset is returned as is, whatever the arguments (delete it to rebuild).
     """
     b = get_builder(
-        config_name, data_dir, skip_corrupt=skip_corrupt, refshapes_num_images=refshapes_num_images
+        config_name, data_dir, skip_corrupt=skip_corrupt,
+        refshapes_num_images=refshapes_num_images, num_workers=num_workers,
     )
     if b.data_path.exists():
         if not b.is_prepared():  # only outside tampering leaves this; TFDS would "reuse" it
@@ -83,6 +88,9 @@ def prepare(
                 try_download_gcs=False,
             )
         )
+        # Read back what is on disk: if a concurrent build finished first, TFDS reused
+        # it and ``b`` still holds the info of the empty folder it started from.
+        b = get_builder(config_name, data_dir)
     return _counts(b)
 
 
@@ -96,6 +104,13 @@ def combined_stats(config_name: str, data_dir: str | os.PathLike) -> dict[str, A
     """What refcocox_combined's no-leak rule removed (see tfds_refcoco.combined.combine),
     or None for the other configs."""
     return _prepared_builder(config_name, data_dir).info.metadata.get("combined")
+
+
+def latin1_fallback(config_name: str, data_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Sentences whose Python 2 text was not valid UTF-8 and was read with the latin-1
+    fallback (see tfds_refcoco.refer): [{ref_id, sent_id, source}], empty for clean files."""
+    b = _prepared_builder(config_name, data_dir)
+    return list(b.info.metadata.get("latin1_fallback", {}).get("sentences", []))
 
 
 def _prepared_builder(config_name: str, data_dir: str | os.PathLike) -> builder_lib.RefcocoMasks:

@@ -7,6 +7,10 @@ layout that was expected, so a user can fix the input without reading code.
 Expression rules (documented in the builder too):
 - the text is the sentence's ``raw`` field, stored verbatim as UTF-8;
 - a sentence whose text is empty or only whitespace is dropped with its sent_id;
+- a Python 2 ``str`` is decoded as UTF-8; bytes in it that are not valid UTF-8 are
+  read as latin-1 (so an old editor's latin-1 ``é``, 0xE9, stays ``é``), and such
+  sentences are listed (``RefObject.latin1_sent_ids``, a warning, the dataset's
+  metadata) rather than failing the whole file (see ``safe_pickle``);
 - non-ASCII text is kept: it is real annotator text (accents, curly quotes), and
   the tokenizer downstream is trained on exactly this text;
 - an object left with no sentence cannot be used (see ``validate``: an error, or
@@ -18,9 +22,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from absl import logging
 
 from tfds_refcoco import safe_pickle
 
@@ -68,6 +74,9 @@ class RefObject:
     width: int
     bbox: tuple[float, float, float, float]
     segmentation: Any
+    # sent_ids whose text needed the latin-1 fallback. Keyword-only, so subclasses can
+    # still add fields without defaults.
+    latin1_sent_ids: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)
 
 
 def _missing(path: Path, what: str) -> ReferFormatError:
@@ -116,25 +125,31 @@ def load_instances(path: Path) -> dict:
 
 def _as_text(value: Any) -> str | None:
     if isinstance(value, bytes):
-        return value.decode("utf-8")
+        return safe_pickle.decode_py2_str(value)
     return value if isinstance(value, str) else None
 
 
-def _clean_sentences(ref: dict, where: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+def _clean_sentences(
+    ref: dict, where: str
+) -> tuple[tuple[int, ...], tuple[str, ...], tuple[int, ...]]:
+    """(sent_ids, texts) of the non-empty sentences, and the sent_ids read as latin-1."""
     sentences = ref.get("sentences")
     if not isinstance(sentences, list):
         raise ReferFormatError(f"{where}: 'sentences' must be a list")
-    sent_ids, texts = [], []
+    sent_ids, texts, latin1 = [], [], []
     for s in sentences:
         if not isinstance(s, dict) or "sent_id" not in s or "raw" not in s:
             raise ReferFormatError(f"{where}: each sentence needs 'sent_id' and 'raw'")
         text = _as_text(s["raw"])
         if text is None:
             raise ReferFormatError(f"{where}: sentence {s['sent_id']} 'raw' is not text")
+        if isinstance(text, safe_pickle.Latin1Text):
+            latin1.append(int(s["sent_id"]))
+            text = str(text)  # a plain str from here on
         if text.strip():
             sent_ids.append(int(s["sent_id"]))
             texts.append(text)
-    return tuple(sent_ids), tuple(texts)
+    return tuple(sent_ids), tuple(texts), tuple(latin1)
 
 
 def read_refer(
@@ -143,8 +158,10 @@ def read_refer(
     """Joins <manual_dir>/<dataset>/refs(<partition>).p with instances.json and the images.
 
     Returns {tfds split: [RefObject sorted by image then ref id]} for the splits that
-    occur in the refs file. Objects left with no expression are returned too (with
-    none): whether that is an error is for ``validate`` and the builder to decide.
+    occur in the refs file. Objects left with no expression, and objects whose image
+    file is missing, are returned too: whether that is an error is for ``validate``,
+    ``check_images_exist`` and the builder (skip_corrupt) to decide. Sentences that
+    needed the latin-1 fallback are logged as a warning, naming ref and sent ids.
     """
     root = Path(manual_dir)
     ds_dir = root / dataset
@@ -166,8 +183,7 @@ def read_refer(
         raise ReferFormatError(f"{refs_path}: holds no refs")
     by_split: dict[str, list[RefObject]] = {}
     seen: set[int] = set()
-    checked_images: set[int] = set()
-    missing_images: list[Path] = []
+    latin1: list[tuple[int, int]] = []  # (ref_id, sent_id)
     for i, ref in enumerate(refs):
         where = f"{refs_path}: ref #{i} (ref_id={ref.get('ref_id')})"
         try:
@@ -211,11 +227,8 @@ def read_refer(
             raise ReferFormatError(f"{inst_path}: bad bbox or size for ann {ann_id}")
         # The refs' own file_name is not a real file: always go through instances.json.
         image_path = img_dir / file_name
-        if image_id not in checked_images:
-            checked_images.add(image_id)
-            if not image_path.is_file():
-                missing_images.append(image_path)
-        sent_ids, texts = _clean_sentences(ref, where)
+        sent_ids, texts, latin1_ids = _clean_sentences(ref, where)
+        latin1 += [(ref_id, s) for s in latin1_ids]
         by_split.setdefault(split, []).append(
             RefObject(
                 ref_id=ref_id,
@@ -230,15 +243,46 @@ def read_refer(
                 width=width,
                 bbox=bbox,  # type: ignore[arg-type]
                 segmentation=segmentation,
+                latin1_sent_ids=latin1_ids,
             )
         )
-    if missing_images:
-        listed = "\n".join(f"  {p}" for p in missing_images[:20])
-        more = f"\n  ... and {len(missing_images) - 20} more" if len(missing_images) > 20 else ""
-        raise ReferFormatError(
-            f"{len(missing_images)} image(s) referred to by {refs_path} not found:\n{listed}{more}"
-            f"\nExpected layout:\n{LAYOUT}"
-        )
+    if latin1:
+        listed = ", ".join(f"ref_id={r} sent_id={s}" for r, s in latin1[:20])
+        more = f" and {len(latin1) - 20} more" if len(latin1) > 20 else ""
+        logging.warning(
+            "%s: %d sentence(s) are not valid UTF-8; their non-UTF-8 bytes were read as "
+            "latin-1: %s%s", refs_path, len(latin1), listed, more)
     for objs in by_split.values():
         objs.sort(key=lambda o: (o.image_id, o.ref_id))
     return by_split
+
+
+def missing_images(objects: Iterable[RefObject]) -> list[Path]:
+    """The image files of ``objects`` that do not exist, each once, sorted."""
+    seen: set[Path] = set()
+    missing = []
+    for obj in objects:
+        if obj.image_path not in seen:
+            seen.add(obj.image_path)
+            if not obj.image_path.is_file():
+                missing.append(obj.image_path)
+    return sorted(missing)
+
+
+def check_images_exist(by_split: Mapping[str, Iterable[RefObject]], shown: int = 10) -> None:
+    """Raises ReferFormatError naming the missing image files (the first ``shown`` and a
+    count) and what to do, if any object's image file is missing."""
+    objects = [o for objs in by_split.values() for o in objs]
+    missing = missing_images(objects)
+    if not missing:
+        return
+    gone = set(missing)
+    n_objects = sum(o.image_path in gone for o in objects)
+    listed = "\n".join(f"  {p}" for p in missing[:shown])
+    more = f"\n  ... and {len(missing) - shown} more" if len(missing) > shown else ""
+    raise ReferFormatError(
+        f"{len(missing)} image(s) referred to by the refs not found:\n{listed}{more}\n"
+        f"Pass --skip_corrupt (skip_corrupt=True) to leave out their {n_objects} object(s) "
+        f"and list them, or put the COCO train2014 images where the layout expects them:\n"
+        f"{LAYOUT}"
+    )
