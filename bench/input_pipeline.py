@@ -1,14 +1,18 @@
-"""Input-pipeline throughput: samples/s (and per core) of the train or eval loader.
+"""Input-pipeline throughput: samples/s (and per core used) of the train or eval loader, the
+bare JPEG decode rate of the same images, and where the time goes.
 
 Two sources:
   refshapes     the prepared RefShapes dataset (prepared into --data_dir if missing);
-  coco_fixture  in-memory raw records of random 640x480 JPEGs + PNG masks, COCO-sized, decoded
-                with the real tfds_refcoco decoders (no download needed).
+  coco_fixture  in-memory raw records of photo-like 640x480 JPEGs + 1-bit PNG masks, COCO-sized,
+                decoded with the real tfds_refcoco decoders (no download needed).
 
-Examples:
-  python bench/input_pipeline.py --source refshapes --config configs/refshapes.py \
-      --image_size 416 --workers 0 2
-  python bench/input_pipeline.py --source coco_fixture --image_size 416 --workers 0 1 2
+The issue's measurement (one core, paper config: flip + photometric on):
+  taskset -c 0 python bench/input_pipeline.py --source coco_fixture --config configs/refcoco.py \
+      --image_size 416 --workers 0 --threads 1 --batches 10
+
+The host only decodes; letterbox, flip, jitter and float conversion run in the jitted step
+(lts_jax/transform.py). "samples/s per core" divides by the CPU time the process and its grain
+workers actually used (every thread counts), read from /proc.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import io
 import os
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,8 +33,11 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lts_jax import input_pipeline as ip  # noqa: E402
+from lts_jax.augment import photometric, photometric_params, swap_left_right  # noqa: E402
+from lts_jax.letterbox import letterbox  # noqa: E402
 from lts_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece  # noqa: E402
-from tfds_refcoco import records  # noqa: E402
+from lts_jax.transform import packed_width  # noqa: E402
+from tfds_refcoco import images, masks, records  # noqa: E402
 
 
 def load_config(spec: str) -> Any:
@@ -44,7 +53,8 @@ def load_config(spec: str) -> Any:
 
 def coco_fixture(num_images: int, seed: int = 0) -> list[dict[str, Any]]:
     """Raw records like data_source() returns, with natural-looking 640x480 JPEGs (smooth
-    colour fields plus noise, so the JPEG size and decode cost are COCO-like)."""
+    colour fields plus noise, so the JPEG size and decode cost are COCO-like) and masks as the
+    builder stores them (1-bit PNG)."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(num_images):
@@ -57,11 +67,9 @@ def coco_fixture(num_images: int, seed: int = 0) -> list[dict[str, Any]]:
         mask = np.zeros((h, w), np.uint8)
         y0, x0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
         mask[y0:y0 + h // 3, x0:x0 + w // 3] = 1
-        png = io.BytesIO()
-        Image.fromarray(mask * 255).save(png, format="PNG")
         exprs = [f"the {c} thing on the {s}".encode() for c, s in
                  [("red", "left"), ("blue", "right"), ("green", "left")][: 1 + i % 3]]
-        out.append({"image": jpeg.getvalue(), "mask": png.getvalue(),
+        out.append({"image": jpeg.getvalue(), "mask": masks.encode_mask_png(mask),
                     "expressions": np.asarray(exprs, dtype=object),
                     "sent_ids": np.arange(len(exprs), dtype=np.int64),
                     "bbox": np.asarray([x0, y0, w // 3, h // 3], np.float32),
@@ -70,18 +78,126 @@ def coco_fixture(num_images: int, seed: int = 0) -> list[dict[str, Any]]:
     return out
 
 
-def measure(batches: Any, num_batches: int, batch_size: int) -> tuple[float, float]:
-    """(seconds to first batch, samples/s over the next num_batches batches)."""
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live descendants (all threads)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo, seen = 0.0, [os.getpid()], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        todo += _children(pid)
+    return total
+
+
+def measure(batches: Any, num_batches: int, batch_size: int) -> tuple[float, float, float]:
+    """(seconds to first batch, samples/s, CPU seconds used) over the next num_batches."""
     it = iter(batches)
     t0 = time.perf_counter()
     next(it)  # includes worker start-up and the first decode
     t1 = time.perf_counter()
+    cpu0 = tree_cpu_seconds()
     for _ in range(num_batches):
         next(it)
     t2 = time.perf_counter()
+    cpu = tree_cpu_seconds() - cpu0
     if hasattr(it, "close"):
         it.close()
-    return t1 - t0, num_batches * batch_size / (t2 - t1)
+    return t1 - t0, num_batches * batch_size / (t2 - t1), cpu
+
+
+def per_sample_ms(fn: Callable[[int], Any], n: int, repeats: int = 3) -> float:
+    """Best-of-``repeats`` mean ms of fn(i) over i < n (one thread)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(n):
+            fn(i)
+        best = min(best, (time.perf_counter() - t0) / n * 1e3)
+    return best
+
+
+def breakdown(source: Any, tok: Tokenizer, config: Any, size: int) -> dict[str, float]:
+    """ms per sample of each host stage, measured one at a time on the same records."""
+    n = min(len(source), 48)
+    raws = [source[i] for i in range(n)]
+    decoded = [records.decode_example(r) for r in raws]
+    canvas = int(config.data.canvas_size)
+    image_out = np.empty((canvas, canvas, 3), np.uint8)
+    mask_out = np.empty((canvas, packed_width(canvas)), np.uint8)
+    length = int(config.data.max_text_len)
+    rng = np.random.default_rng(0)
+    boxed = [letterbox(d["image"], size)[0] for d in decoded]
+
+    def draws(i: int) -> None:
+        r = np.random.default_rng([0, i])
+        r.integers(3)
+        r.random()
+        photometric_params(r)
+
+    return {
+        "bare JPEG decode (decode_rgb)": per_sample_ms(
+            lambda i: images.decode_rgb(raws[i]["image"]), n),
+        "decode (JPEG -> pixels, into canvas)": per_sample_ms(
+            lambda i: ip.place_image(images.decode_rgb(raws[i]["image"]), image_out), n),
+        "mask (PNG -> packed bits on canvas)": per_sample_ms(
+            lambda i: ip.place_mask(masks.decode_mask_png(raws[i]["mask"]), mask_out), n),
+        "tokenise (+ left/right swap)": per_sample_ms(
+            lambda i: tok.encode(swap_left_right(decoded[i]["expressions"][0]), length), n),
+        "per-example draws (expression, flip, jitter)": per_sample_ms(draws, n),
+        "host letterbox, if it ran on the host (PIL)": per_sample_ms(
+            lambda i: letterbox(decoded[i]["image"], size), n),
+        "host float + photometric, if on the host (numpy)": per_sample_ms(
+            lambda i: photometric(boxed[i].astype(np.float32) * np.float32(1 / 255), rng), n),
+    }
+
+
+def time_device_transform(batch: dict[str, np.ndarray], mode: str, size: int,
+                          repeats: int = 5) -> tuple[float, str]:
+    """(best ms, backend) of the jitted device-side transform of one host batch."""
+    import jax
+
+    from lts_jax import transform
+
+    fn = transform.train_inputs if mode == "train" else transform.eval_inputs
+    jitted = jax.jit(lambda b: fn(b, size))
+    fields = {k: jax.device_put(v) for k, v in batch.items()
+              if k in ("image", "mask", "hw", "flip", "photometric", "orig_hw", "tokens",
+                       "token_mask")}
+    jax.block_until_ready(jitted(fields))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(jitted(fields))
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3, jax.default_backend()
+
+
+def cpu_description() -> str:
+    """lscpu's model name and whether the CPU has AVX-512."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                  if ln.startswith("model name")), "unknown CPU")
+    return f"{model}, {'AVX-512' if 'avx512f' in text else 'AVX2, no AVX-512'}"
 
 
 def main() -> None:
@@ -98,6 +214,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="timed batches per setting")
     parser.add_argument("--mode", choices=["train", "eval"], default="train")
     parser.add_argument("--num_images", type=int, default=96, help="coco_fixture size")
+    parser.add_argument("--no_breakdown", action="store_true", help="skip the per-stage table")
     args = parser.parse_args()
 
     config = load_config(args.config)
@@ -119,15 +236,18 @@ def main() -> None:
             [e for r in source for e in records.decode_expressions(r)], 64))
         kind = f"coco_fixture ({len(source)} objects, 640x480 JPEG)"
 
-    cores = os.cpu_count() or 1
-    print(f"source {kind}; mode {args.mode}; image {size}; batch {batch_size}; "
-          f"threads {args.threads}; {cores} CPU cores")
+    cores = len(os.sched_getaffinity(0))
+    canvas = int(data.canvas_size)
+    print(f"source {kind}; mode {args.mode}; image {size}; canvas {canvas}; batch {batch_size}; "
+          f"threads {args.threads}; flip {data.flip}; photometric {data.photometric}")
+    print(f"CPU: {cpu_description()}; {cores} core(s) available to this process")
     print("| workers | first batch s | samples/s | samples/s per core |")
     print("|---|---|---|---|")
+    rates = {}
     for workers in args.workers:
         if args.mode == "train":
             batches: Any = ip.make_train_iterator(
-                source, tok, global_batch_size=batch_size, image_size=size,
+                source, tok, global_batch_size=batch_size, canvas_size=canvas,
                 max_text_len=data.max_text_len, seed=0, decode_fn=records.decode_example,
                 flip=data.flip, photometric=data.photometric, worker_count=workers,
                 num_threads=args.threads)
@@ -136,11 +256,42 @@ def main() -> None:
                 source, tok, global_batch_size=batch_size, image_size=size,
                 max_text_len=data.max_text_len, decode_fn=records.decode_example,
                 expressions_fn=records.decode_expressions, worker_count=workers,
-                num_threads=args.threads, max_orig_size=640)
+                num_threads=args.threads, canvas_size=canvas)
         n = args.batches if args.mode == "train" else min(args.batches, len(batches) - 1)
-        first, rate = measure(batches, n, batch_size)
-        used = min(cores, max(workers, 1))  # processes doing the decoding
-        print(f"| {workers} | {first:.2f} | {rate:.1f} | {rate / used:.1f} |")
+        first, rate, cpu_s = measure(batches, n, batch_size)
+        wall = n * batch_size / rate
+        rates[workers] = (rate, cpu_s / wall)
+        print(f"| {workers} | {first:.2f} | {rate:.1f} | {n * batch_size / cpu_s:.1f} |")
+    for workers, (_, used) in rates.items():
+        print(f"workers {workers}: {used:.2f} cores busy on average while timed")
+
+    sample = next(iter(batches)) if args.mode == "eval" else next(ip.make_train_iterator(
+        source, tok, global_batch_size=batch_size, canvas_size=canvas,
+        max_text_len=data.max_text_len, seed=0, decode_fn=records.decode_example,
+        flip=data.flip, photometric=data.photometric))
+    device_fields = (("image", "mask", "hw", "flip", "photometric", "tokens", "token_mask")
+                     if args.mode == "train" else ("image", "orig_hw", "tokens", "token_mask"))
+    to_device = sum(sample[k].nbytes for k in device_fields) / batch_size
+    print(f"host->device: {to_device / 1e3:.1f} kB per sample ({', '.join(device_fields)})")
+    ms, backend = time_device_transform(sample, args.mode, size)
+    print(f"device-side transform ({'train_inputs' if args.mode == 'train' else 'eval_inputs'}"
+          f", jitted, {backend}): {ms:.1f} ms per batch of {batch_size}")
+    if args.no_breakdown:
+        return
+    stages = breakdown(source, tok, config, size)
+    bare = stages["bare JPEG decode (decode_rgb)"]
+    best = max(r for r, _ in rates.values())
+    pipeline_ms = 1e3 / best
+    in_pipeline = [k for k in stages if not k.startswith(("bare", "host "))]
+    assembly = pipeline_ms - sum(stages[k] for k in in_pipeline)
+    print("\n| stage (one thread) | ms per sample |")
+    print("|---|---|")
+    for name, ms in stages.items():
+        print(f"| {name} | {ms:.3f} |")
+    print(f"| batch assembly and the rest (pipeline - stages above) | {assembly:.3f} |")
+    print(f"| pipeline, best row above | {pipeline_ms:.3f} |")
+    print(f"\nbare JPEG decode: {1e3 / bare:.1f} samples/s; best pipeline / bare decode = "
+          f"{best * bare / 1e3:.2f}")
 
 
 if __name__ == "__main__":  # guard required: grain workers are spawned processes

@@ -66,6 +66,7 @@ from lts_jax.model import create_model  # noqa: E402
 from lts_jax.optim import create_optimizer  # noqa: E402
 from lts_jax.train import make_loss_fn, resolve_config  # noqa: E402
 from lts_jax.train_step import LossFn, init_train_state, make_train_step  # noqa: E402
+from lts_jax.transform import packed_width, train_inputs_fn  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py), optionally ':arg'.", lock_config=True
@@ -120,6 +121,7 @@ def flops_lowered_on_cpu(
     loss_fn: LossFn,
     learning_rate_fn: optax.Schedule,
     args: tuple[Any, ...],
+    inputs_fn: Any = None,
 ) -> float:
     """FLOPs of the same train step lowered for one CPU device (nothing is run or compiled).
 
@@ -131,7 +133,7 @@ def flops_lowered_on_cpu(
         cpu = jax.devices("cpu")[:1]
     except RuntimeError:
         return float("nan")
-    step = make_train_step(model, tx, loss_fn, learning_rate_fn, make_mesh(cpu))
+    step = make_train_step(model, tx, loss_fn, learning_rate_fn, make_mesh(cpu), inputs_fn)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
     return flops_of(step.lower(*abstract))
 
@@ -139,19 +141,40 @@ def flops_lowered_on_cpu(
 def synthetic_batch(
     config: ml_collections.ConfigDict, batch_size: int, seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """Random host arrays shaped and typed like a train batch (the fields the step reads)."""
+    """Random host arrays shaped and typed like a pipeline train batch (the fields the step
+    reads): uint8 canvases with 3:4 content, packed masks, flips and photometric draws."""
     rng = np.random.default_rng(seed)
-    size, length = int(config.data.image_size), int(config.data.max_text_len)
+    canvas, length = int(config.data.canvas_size), int(config.data.max_text_len)
     vocab = int(config.model.vocab_size)
     lengths = rng.integers(1, length + 1, (batch_size, 1))
     token_mask = np.arange(length)[None, :] < lengths  # the first few tokens are real
     tokens = rng.integers(1, vocab, (batch_size, length), dtype=np.int32)
+    hw = np.tile(np.asarray([canvas * 3 // 4, canvas], np.int32), (batch_size, 1))
+    hw[1::2] = hw[1::2, ::-1]  # portrait and landscape
+    photometric = np.stack([rng.uniform(-0.15, 0.15, batch_size),
+                            rng.uniform(0.75, 1.25, batch_size),
+                            rng.uniform(0.75, 1.25, batch_size)], axis=1).astype(np.float32)
     return {
-        "image": rng.random((batch_size, size, size, 3), dtype=np.float32),
+        "image": rng.integers(0, 256, (batch_size, canvas, canvas, 3), dtype=np.uint8),
+        "mask": rng.integers(0, 256, (batch_size, canvas, packed_width(canvas)), dtype=np.uint8),
+        "hw": hw,
+        "flip": rng.random(batch_size) < 0.5,
+        "photometric": photometric,
         "tokens": np.where(token_mask, tokens, 0).astype(np.int32),  # 0 = padding
         "token_mask": token_mask,
-        "mask": (rng.random((batch_size, size, size)) < 0.3).astype(np.float32),
     }
+
+
+def time_transform(config: ml_collections.ConfigDict, batch: Any, steps: int) -> float:
+    """Mean ms of the jitted device-side input transform alone (letterbox, flip, jitter)."""
+    fn = jax.jit(train_inputs_fn(int(config.data.image_size)))
+    jax.block_until_ready(fn(batch))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(batch))
+        times.append(time.perf_counter() - t0)
+    return statistics.fmean(times) * 1e3
 
 
 def run_benchmark(
@@ -177,7 +200,8 @@ def run_benchmark(
     model = create_model(config.model)
     tx, lr_schedule = create_optimizer(config.optim, int(config.num_train_steps))
     loss_fn = make_loss_fn(config.loss)
-    train_step = make_train_step(model, tx, loss_fn, lr_schedule, mesh)
+    inputs_fn = train_inputs_fn(int(config.data.image_size))
+    train_step = make_train_step(model, tx, loss_fn, lr_schedule, mesh, inputs_fn)
     init_rng, dropout_rng = jax.random.split(jax.random.key(int(config.seed)))
     dropout_rng = replicate(dropout_rng, mesh)
     state = init_train_state(
@@ -198,7 +222,7 @@ def run_benchmark(
     flops_per_step, flops_source = flops_of(lowered), "lowered"
     if not flops_per_step > 0:  # NaN: not available on this backend
         flops_per_step, flops_source = flops_lowered_on_cpu(
-            model, tx, loss_fn, lr_schedule, (state, batch, dropout_rng)
+            model, tx, loss_fn, lr_schedule, (state, batch, dropout_rng), inputs_fn
         ), "lowered for CPU"
     compiled_flops_per_step = flops_of(compiled) * num_devices
 
@@ -212,6 +236,8 @@ def run_benchmark(
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
     loss = float(metrics["loss"])
+    transform_ms = time_transform(config, batch, steps)
+    host_bytes = sum(np.asarray(v).nbytes for v in local.values()) / len(local["image"])
 
     step_s = statistics.fmean(times)
     device_kind = jax.devices()[0].device_kind
@@ -245,6 +271,9 @@ def run_benchmark(
         "peak_tflops_per_device": peak,
         "mfu": tflops / (peak * num_devices) if peak else None,
         "final_loss": loss,
+        "canvas_size": int(config.data.canvas_size),
+        "transform_ms": transform_ms,
+        "host_to_device_bytes_per_sample": host_bytes,
     }
 
 
@@ -270,6 +299,10 @@ def format_report(r: dict[str, Any], config_name: str = "") -> str:
                        f"compiled program: {r['compiled_flops_per_step'] / 1e12:.4g})"),
         ("TFLOP/s", f"{r['tflops_per_s']:.4g}"),
         ("MFU", mfu),
+        ("input transform", f"{r['transform_ms']:.2f} ms per step of the above (letterbox from "
+                            f"a {r['canvas_size']}x{r['canvas_size']} canvas, flip, jitter; "
+                            "included in the step)"),
+        ("host->device", f"{r['host_to_device_bytes_per_sample'] / 1e3:.1f} kB per sample"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

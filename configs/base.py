@@ -41,6 +41,9 @@ def base_config(model_variant: str) -> ml_collections.ConfigDict:
     config.data.data_dir = DEFAULT_DATA_DIR
     config.data.manual_dir = DEFAULT_MANUAL_DIR
     config.data.image_size = 416
+    # Decoded images travel to the device on a fixed canvas (static shapes); the letterbox to
+    # image_size happens in the jitted step. COCO's longest side is 640.
+    config.data.canvas_size = 640
     config.data.max_text_len = 20
     config.data.vocab_size = 8000
     config.data.train_split = "train"

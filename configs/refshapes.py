@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.dataset = "refshapes"
     config.data.manual_dir = ""  # RefShapes generates its own raw data
     config.data.image_size = 64 if tiny else 96
+    config.data.canvas_size = 96  # RefShapes images are 96x96
     config.data.max_text_len = 12 if tiny else 16
     config.data.vocab_size = 128
     config.data.eval_splits = "validation,testA,testB"

@@ -1,6 +1,7 @@
 """Evaluation of one split: jitted forward over the mesh, metrics at the original resolution.
 
-Per batch the device runs the model and upsamples the [S/o, S/o] mask logits
+Per batch the device letterboxes the uint8 canvases (``transform.eval_inputs``), runs the model
+and upsamples the [S/o, S/o] mask logits
 (o = ``segment.out_stride``) bilinearly to S x S (static shapes, so one compilation
 per model/mesh/batch shape). The host then maps every valid example back to its
 original H x W (``letterbox.unletterbox``: crop the padding, bilinear resize),
@@ -29,9 +30,11 @@ from jax.sharding import Mesh, PartitionSpec
 from lts_jax import metrics
 from lts_jax.letterbox import unletterbox
 from lts_jax.mesh import batch_sharding, replicate, shard_batch
+from lts_jax.transform import eval_inputs
 
-# Batch fields the forward pass needs on device; everything else stays on the host.
-MODEL_INPUTS: tuple[str, ...] = ("image", "tokens", "token_mask")
+# Batch fields the forward pass needs on device (the uint8 canvas and its size: the letterbox
+# runs in the jitted forward); everything else stays on the host.
+MODEL_INPUTS: tuple[str, ...] = ("image", "orig_hw", "tokens", "token_mask")
 # Threads for the per-example host work (PIL resize and numpy counting release the GIL).
 HOST_THREADS = min(4, os.cpu_count() or 1)
 
@@ -57,7 +60,8 @@ def eval_forward(model: nn.Module, mesh: Mesh, image_size: int) -> ForwardFn:
     if hit is not None and hit[0] is model and hit[1] is mesh:
         return hit[2]
 
-    def forward(variables: Any, inputs: Mapping[str, jax.Array]) -> jax.Array:
+    def forward(variables: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+        inputs = eval_inputs(batch, image_size)
         mask_logits, _ = model.apply(
             variables, inputs["image"], inputs["tokens"], inputs["token_mask"], train=False
         )

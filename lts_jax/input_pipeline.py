@@ -3,33 +3,26 @@
 Both pipelines are grain MapDatasets of whole batches, so a batch's contents depend only on the
 seed, the position in the stream and the process layout, never on worker or thread counts.
 
-Training stream: epoch e is a permutation of the N objects (grain's index shuffle, reseeded per
-epoch). Global stream position t = e * N + i. With B rows per process and G = B*P, global batch b
+The host only decodes. A batch carries uint8 pixels on a fixed C x C canvas
+(``config.data.canvas_size``, content top-left, zeros elsewhere) with each image's (H, W); the
+letterbox to S x S, the flip, the photometric jitter and the float conversion run inside the
+jitted step (``transform.train_inputs`` / ``transform.eval_inputs``). See docs/CONTRACTS.md for
+the fields.
+
+Training stream: epoch e is a permutation of the N objects (numpy, seeded by (seed, e)).
+Global stream position t = e * N + i. With B rows per process and G = B*P, global batch b
 is positions [b*G, (b+1)*G) in order, process p holding [b*G + p*B, b*G + (p+1)*B), so a global
 batch is the same, row for row, under any process count. Each position draws its own RNG from
-(seed, t): which expression, flip, photometric jitter.
+(seed, t): which expression, flip, photometric factors. A batch is built as one grain element,
+decoding straight into the batch arrays.
 
 Eval stream: pairs (object, expression) in source order, then expression order. Global batch b
 holds pairs [b*G, (b+1)*G) (G = global eval batch), process p the slice [p*B, (p+1)*B) of it.
 The tail is padded with valid=False rows so every process yields the same number of full batches.
 
-Checkpointing the training iterator with Orbax (grain's handler accepts any iterator with
-get_state() -> bytes / set_state(bytes) / start_prefetch()):
-
-    import grain
-    import orbax.checkpoint as ocp
-    mngr = ocp.CheckpointManager(workdir, options=ocp.CheckpointManagerOptions(max_to_keep=3))
-    train_iter = create_train_loader(config, tokenizer)
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(train_state),
-        data=grain.checkpoint.CheckpointSave(train_iter)))
-    # resume: build a fresh iterator the same way, then
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(train_iter)))  # restores train_iter in place
-
-grain writes one file per JAX process (process_<i>-of-<n>.json). The state is the number of
-batches consumed, so it restores exactly under any worker count.
+Checkpointing: ``TrainIterator.get_state()`` is the number of batches consumed (and a
+fingerprint of the stream), so a restore is exact under any worker count; lts_jax/checkpoint.py
+saves it beside the train state.
 """
 
 from __future__ import annotations
@@ -37,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -45,9 +39,10 @@ import grain
 import numpy as np
 from absl import flags
 
-from lts_jax.augment import hflip, photometric, swap_left_right
-from lts_jax.letterbox import letterbox, letterbox_mask, letterbox_params
+from lts_jax.augment import photometric_params, swap_left_right
+from lts_jax.letterbox import letterbox_params
 from lts_jax.tokenizer import UNK_ID, Tokenizer
+from lts_jax.transform import identity_photometric, packed_width
 
 Batch = dict[str, np.ndarray]
 DecodeFn = Callable[[Any], dict[str, Any]]
@@ -92,38 +87,95 @@ def _check_process(process_index: int, process_count: int) -> None:
 # Training
 
 
+def _canvas_error(what: str, h: int, w: int, canvas: int) -> ValueError:
+    return ValueError(f"{what}: image {h}x{w} does not fit the {canvas}x{canvas} canvas; raise "
+                      "config.data.canvas_size to at least its longest side")
+
+
+def place_image(image: np.ndarray, out: np.ndarray) -> None:
+    """Copies uint8[H, W, 3] into the top-left of a zero-filled uint8[C, C, 3] canvas.
+
+    Only the content is written: batches come from np.zeros, whose untouched pages cost
+    nothing, and the device transform never reads beyond (H, W) anyway.
+    """
+    h, w = image.shape[:2]
+    out[:h, :w] = image
+
+
+def place_mask(mask: np.ndarray, out: np.ndarray) -> None:
+    """Packs a {0, 1} uint8[H, W] mask (MSB first) into the top-left of a zero-filled
+    uint8[C, ceil(C/8)] canvas."""
+    packed = np.packbits(mask, axis=1)
+    out[:packed.shape[0], :packed.shape[1]] = packed
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, num_objects: int, epoch: int) -> np.ndarray:
+    """The object order of one training epoch (cached: a batch reads 32 positions of it)."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_objects)
+    order.flags.writeable = False
+    return order
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class _TrainExample:
-    """(stream position, object index) -> one training example. Runs in grain workers."""
+class _TrainBatch:
+    """Batch index -> this process's batch of undecoded-geometry training examples.
+
+    Runs in grain workers. A whole batch is one element so that decoded pixels are written
+    once, straight into the batch arrays (stacking 32 canvases would copy 40 MB per batch).
+    Row j of process p in batch b is global stream position b * G + p * B + j.
+    """
 
     source: Any
+    shuffle_seed: int
     decode_fn: DecodeFn
     tokenizer: Tokenizer
-    image_size: int
+    canvas_size: int
     max_text_len: int
     flip: bool
     photometric: bool
     seed: int
+    batch_size: int
+    process_index: int
+    process_count: int
 
-    def __call__(self, position: int, obj: int) -> dict[str, np.ndarray]:
+    def __call__(self, batch_index: int) -> Batch:
+        b, c, length = self.batch_size, self.canvas_size, self.max_text_len
+        out = {"image": np.zeros((b, c, c, 3), np.uint8),
+               "mask": np.zeros((b, c, packed_width(c)), np.uint8),
+               "hw": np.empty((b, 2), np.int32), "flip": np.zeros((b,), np.bool_),
+               "photometric": identity_photometric(b),
+               "tokens": np.empty((b, length), np.int32),
+               "token_mask": np.empty((b, length), np.bool_),
+               "valid": np.ones((b,), np.bool_)}
+        first = (batch_index * self.process_count + self.process_index) * b
+        for row in range(b):
+            self._fill(out, row, first + row)
+        return out
+
+    def _fill(self, out: Batch, row: int, position: int) -> None:
         rng = np.random.default_rng([self.seed, position])
+        epoch, index = divmod(position, len(self.source))
+        obj = int(_epoch_order(self.shuffle_seed, len(self.source), epoch)[index])
         ex = self.decode_fn(self.source[obj])
         expressions = ex["expressions"]
         text = expressions[int(rng.integers(len(expressions)))]
-        image, _ = letterbox(ex["image"], self.image_size)
-        mask = letterbox_mask(ex["mask"], self.image_size)
+        h, w = ex["mask"].shape
+        if h > self.canvas_size or w > self.canvas_size:
+            raise _canvas_error(f"training object {obj}", h, w, self.canvas_size)
+        place_image(ex["image"], out["image"][row])
+        place_mask(ex["mask"], out["mask"][row])
+        out["hw"][row] = (h, w)
         if self.flip and rng.random() < 0.5:
-            image, mask = hflip(image, mask)
+            out["flip"][row] = True
             text = swap_left_right(text)
-        image = image.astype(np.float32) * np.float32(1 / 255)
         if self.photometric:
-            image = photometric(image, rng)
-        tokens, token_mask = self.tokenizer.encode(text, self.max_text_len)
-        return {"image": image, "mask": mask.astype(np.float32), "tokens": tokens,
-                "token_mask": token_mask, "valid": np.bool_(True)}
+            out["photometric"][row] = photometric_params(rng)
+        out["tokens"][row], out["token_mask"][row] = self.tokenizer.encode(text,
+                                                                           self.max_text_len)
 
 
-def train_batches(source: Any, tokenizer: Tokenizer, *, batch_size: int, image_size: int,
+def train_batches(source: Any, tokenizer: Tokenizer, *, batch_size: int, canvas_size: int,
                   max_text_len: int, seed: int, decode_fn: DecodeFn = _identity,
                   process_index: int = 0, process_count: int = 1, flip: bool = False,
                   photometric: bool = False, num_epochs: int | None = None) -> grain.MapDataset:
@@ -131,22 +183,19 @@ def train_batches(source: Any, tokenizer: Tokenizer, *, batch_size: int, image_s
 
     source: random-access (len, __getitem__) of raw examples; decode_fn turns one into the
     decoded dict of CONTRACTS.md (identity for an in-memory source of decoded dicts).
-    num_epochs=None repeats forever. Batches may span an epoch boundary.
+    num_epochs=None repeats forever. Batches may span an epoch boundary. Rows hold canvases;
+    ``transform.train_inputs`` (inside the train step) letterboxes, flips and jitters them.
     """
     _check_process(process_index, process_count)
     if len(source) == 0:
         raise ValueError("empty training source")
     shuffle_seed, aug_seed = _split_seed(seed)
-    example = _TrainExample(source, decode_fn, tokenizer, image_size, max_text_len, flip,
-                            photometric, aug_seed)
-    ds = grain.MapDataset.range(len(source)).shuffle(seed=shuffle_seed).repeat(num_epochs)
-    # map_with_index before slicing, so the RNG is keyed by the global stream position.
-    ds = ds.map_with_index(example)
-    # Process p's k-th batch is the p-th block of global batch k, so a global batch has the
-    # same rows in the same order for any process count (per-row dropout masks included).
-    ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds[: len(ds) // process_count * process_count]  # the same count on every process
-    return ds[process_index::process_count]
+    positions = sys.maxsize if num_epochs is None else len(source) * num_epochs
+    make = _TrainBatch(source, shuffle_seed, decode_fn, tokenizer, canvas_size,
+                       max_text_len, flip, photometric, aug_seed, batch_size, process_index,
+                       process_count)
+    # Every process yields the same number of batches: whole global batches only.
+    return grain.MapDataset.range(positions // (batch_size * process_count)).map(make)
 
 
 class TrainIterator(Iterator[Batch]):
@@ -214,14 +263,14 @@ class TrainIterator(Iterator[Batch]):
 
 
 def make_train_iterator(source: Any, tokenizer: Tokenizer, *, global_batch_size: int,
-                        image_size: int, max_text_len: int, seed: int,
+                        canvas_size: int, max_text_len: int, seed: int,
                         decode_fn: DecodeFn = _identity, process_index: int = 0,
                         process_count: int = 1, flip: bool = False, photometric: bool = False,
                         worker_count: int = 0, num_threads: int = 2,
                         num_epochs: int | None = None) -> TrainIterator:
     """Checkpointable training iterator over explicit arguments (see train_batches)."""
     batch_size = per_process_batch_size(global_batch_size, process_count)
-    batches = train_batches(source, tokenizer, batch_size=batch_size, image_size=image_size,
+    batches = train_batches(source, tokenizer, batch_size=batch_size, canvas_size=canvas_size,
                             max_text_len=max_text_len, seed=seed, decode_fn=decode_fn,
                             process_index=process_index, process_count=process_count,
                             flip=flip, photometric=photometric, num_epochs=num_epochs)
@@ -254,11 +303,11 @@ class _EvalExample:
     thread, since consecutive pairs usually share an object."""
 
     def __init__(self, source: Any, decode_fn: DecodeFn, tokenizer: Tokenizer,
-                 pairs: np.ndarray, image_size: int, max_text_len: int, max_orig_size: int,
+                 pairs: np.ndarray, image_size: int, max_text_len: int, canvas_size: int,
                  global_batch_size: int, batch_size: int, process_index: int):
         self.source, self.decode_fn, self.tokenizer = source, decode_fn, tokenizer
         self.pairs, self.image_size, self.max_text_len = pairs, image_size, max_text_len
-        self.max_orig_size = max_orig_size
+        self.canvas_size = canvas_size
         self.global_batch_size, self.batch_size = global_batch_size, batch_size
         self.process_index = process_index
         self._local = threading.local()
@@ -276,15 +325,14 @@ class _EvalExample:
             return cached[1]
         ex = self.decode_fn(self.source[obj])
         h, w = ex["mask"].shape
-        if h > self.max_orig_size or w > self.max_orig_size:
-            raise ValueError(f"object {obj}: image {h}x{w} exceeds max_orig_size "
-                             f"{self.max_orig_size}")
-        image, params = letterbox(ex["image"], self.image_size)
-        image = image.astype(np.float32) * np.float32(1 / 255)
-        mask = letterbox_mask(ex["mask"], self.image_size).astype(np.float32)
-        orig = np.zeros((self.max_orig_size, self.max_orig_size), dtype=np.uint8)
+        c = self.canvas_size
+        if h > c or w > c:
+            raise _canvas_error(f"eval object {obj}", h, w, c)
+        image = np.zeros((c, c, 3), np.uint8)
+        place_image(ex["image"], image)
+        orig = np.zeros((c, c), dtype=np.uint8)
         orig[:h, :w] = ex["mask"]
-        value = (ex, image, mask, orig, params)
+        value = (ex, image, orig, letterbox_params(h, w, self.image_size).as_array())
         self._local.entry = (obj, value)
         return value
 
@@ -294,27 +342,28 @@ class _EvalExample:
         if pair_id >= len(self.pairs):
             return self._padding()
         obj, j = (int(v) for v in self.pairs[pair_id])
-        ex, image, mask, orig, params = self._object(obj)
+        ex, image, orig, params = self._object(obj)
         tokens, token_mask = self.tokenizer.encode(ex["expressions"][j], self.max_text_len)
         h, w = ex["mask"].shape
-        return {"image": image, "mask": mask, "tokens": tokens, "token_mask": token_mask,
+        return {"image": image, "tokens": tokens, "token_mask": token_mask,
                 "valid": np.bool_(True), "orig_mask": orig,
-                "orig_hw": np.asarray([h, w], dtype=np.int32), "letterbox": params.as_array(),
+                "orig_hw": np.asarray([h, w], dtype=np.int32), "letterbox": params,
                 "pair_id": np.int64(pair_id)}
 
     def _padding(self) -> dict[str, np.ndarray]:
         # A well-formed dummy (1x1 image, one unk token) so that code that does not look at
-        # 'valid' (unletterbox, text pooling) still runs without errors or NaNs.
-        s, length = self.image_size, self.max_text_len
+        # 'valid' (letterbox, unletterbox, text pooling) still runs without errors or NaNs.
+        c, length = self.canvas_size, self.max_text_len
         tokens = np.zeros((length,), dtype=np.int32)
         tokens[0] = UNK_ID
         token_mask = np.zeros((length,), dtype=bool)
         token_mask[0] = True
-        return {"image": np.zeros((s, s, 3), np.float32), "mask": np.zeros((s, s), np.float32),
-                "tokens": tokens, "token_mask": token_mask, "valid": np.bool_(False),
-                "orig_mask": np.zeros((self.max_orig_size, self.max_orig_size), np.uint8),
+        return {"image": np.zeros((c, c, 3), np.uint8), "tokens": tokens,
+                "token_mask": token_mask, "valid": np.bool_(False),
+                "orig_mask": np.zeros((c, c), np.uint8),
                 "orig_hw": np.asarray([1, 1], dtype=np.int32),
-                "letterbox": letterbox_params(1, 1, s).as_array(), "pair_id": np.int64(-1)}
+                "letterbox": letterbox_params(1, 1, self.image_size).as_array(),
+                "pair_id": np.int64(-1)}
 
 
 class EvalLoader:
@@ -343,7 +392,7 @@ def make_eval_loader(source: Any, tokenizer: Tokenizer, *, global_batch_size: in
                      image_size: int, max_text_len: int, decode_fn: DecodeFn = _identity,
                      expressions_fn: ExpressionsFn | None = None,
                      pairs: np.ndarray | None = None, process_index: int = 0,
-                     process_count: int = 1, max_orig_size: int = 640, worker_count: int = 0,
+                     process_count: int = 1, canvas_size: int = 640, worker_count: int = 0,
                      num_threads: int = 2) -> EvalLoader:
     """Eval loader over explicit arguments. Give `pairs` (from eval_pairs) or `expressions_fn`
     (raw example -> expressions; defaults to decode_fn(raw)['expressions'])."""
@@ -353,7 +402,7 @@ def make_eval_loader(source: Any, tokenizer: Tokenizer, *, global_batch_size: in
         pairs = eval_pairs(source, expressions_fn or (lambda raw: decode_fn(raw)["expressions"]))
     nb = num_eval_batches(len(pairs), global_batch_size)
     example = _EvalExample(source, decode_fn, tokenizer, pairs, image_size, max_text_len,
-                           max_orig_size, global_batch_size, batch_size, process_index)
+                           canvas_size, global_batch_size, batch_size, process_index)
     batches = grain.MapDataset.range(nb * batch_size).map(example).batch(batch_size)
     return EvalLoader(batches, num_pairs=len(pairs), worker_count=worker_count,
                       num_threads=num_threads)
@@ -371,7 +420,7 @@ def create_train_loader(config: Any, tokenizer: Tokenizer, *, process_index: int
     data = config.data
     source = records.data_source(data.dataset, data.train_split, data.data_dir)
     return make_train_iterator(
-        source, tokenizer, global_batch_size=config.batch_size, image_size=data.image_size,
+        source, tokenizer, global_batch_size=config.batch_size, canvas_size=data.canvas_size,
         max_text_len=data.max_text_len, seed=config.seed if seed is None else seed,
         decode_fn=records.decode_example, process_index=process_index,
         process_count=process_count, flip=data.flip, photometric=data.photometric,
@@ -390,7 +439,7 @@ def _split_pairs(dataset: str, split: str, data_dir: str) -> np.ndarray:
 
 
 def create_eval_loader(config: Any, split: str, tokenizer: Tokenizer, *, process_index: int = 0,
-                       process_count: int = 1, max_orig_size: int = 640) -> EvalLoader:
+                       process_count: int = 1) -> EvalLoader:
     """Eval loader for one split; .num_batches and .num_pairs give its size."""
     from tfds_refcoco import records
 
@@ -401,7 +450,7 @@ def create_eval_loader(config: Any, split: str, tokenizer: Tokenizer, *, process
         max_text_len=data.max_text_len, decode_fn=records.decode_example,
         pairs=_split_pairs(data.dataset, split, str(data.data_dir)),
         process_index=process_index, process_count=process_count,
-        max_orig_size=max_orig_size, worker_count=data.num_workers)
+        canvas_size=data.canvas_size, worker_count=data.num_workers)
 
 
 def eval_size(config: Any, split: str) -> tuple[int, int]:

@@ -34,6 +34,7 @@ from lts_jax.train_step import (
     init_train_state,
     make_train_step,
 )
+from lts_jax.transform import train_inputs_fn
 from lts_jax.workdir_config import check_resumable, write_config
 
 logger = logging.getLogger(__name__)
@@ -278,7 +279,8 @@ def train_and_evaluate(
     model = create_model(config.model)
     total_steps = int(config.num_train_steps)
     tx, lr_schedule = create_optimizer(config.optim, total_steps)
-    train_step = make_train_step(model, tx, make_loss_fn(config.loss), lr_schedule, mesh)
+    train_step = make_train_step(model, tx, make_loss_fn(config.loss), lr_schedule, mesh,
+                                 inputs_fn=train_inputs_fn(int(config.data.image_size)))
     sizes = dict(image_size=int(config.data.image_size), max_text_len=int(config.data.max_text_len))
     rng = jax.random.key(int(config.seed))
     init_rng, dropout_rng = jax.random.split(rng)

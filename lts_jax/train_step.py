@@ -26,8 +26,10 @@ Batch = Mapping[str, jax.Array]
 LossFn = Callable[[jax.Array, Mapping[str, jax.Array], Batch], tuple[jax.Array, dict[str, Any]]]
 TrainStepFn = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
 
-# Batch fields the train step reads; the rest of a pipeline batch stays on the host.
-TRAIN_INPUTS = ("image", "tokens", "token_mask", "mask")
+# Fields of a pipeline batch the train step reads (uint8 canvases, packed masks and the
+# per-example draws; see transform.train_inputs); the rest stays on the host.
+TRAIN_INPUTS = ("image", "mask", "hw", "flip", "photometric", "tokens", "token_mask")
+InputsFn = Callable[[Batch], Batch]
 
 
 def global_norm(tree: Any) -> jax.Array:
@@ -104,8 +106,13 @@ def make_train_step(
     loss_fn: LossFn,
     learning_rate_fn: optax.Schedule,
     mesh: Mesh,
+    inputs_fn: InputsFn | None = None,
 ) -> TrainStepFn:
     """``step(state, batch, rng) -> (state, metrics)``, jitted over ``mesh`` with donation.
+
+    ``inputs_fn`` turns the pipeline's batch into model inputs and targets inside the jitted
+    step (``transform.train_inputs``: letterbox, flip, jitter); None = the batch already holds
+    float ``image`` [B, S, S, 3] and ``mask`` [B, S, S].
 
     Per-step randomness (dropout) is ``fold_in(rng, state['step'])``, so a resumed run draws
     the same numbers as an uninterrupted one. Metrics are replicated scalars: the loss parts,
@@ -115,6 +122,8 @@ def make_train_step(
 
     def step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict]:
         step_rng = jax.random.fold_in(rng, state["step"])
+        if inputs_fn is not None:
+            batch = inputs_fn(batch)
 
         def loss_of(params: Any) -> tuple[jax.Array, tuple[dict[str, Any], Any]]:
             (mask_logits, aux), updates = model.apply(

@@ -8,6 +8,7 @@ import pytest
 from lts_jax.augment import hflip, photometric, swap_left_right
 from lts_jax.input_pipeline import make_train_iterator
 from lts_jax.tokenizer import Tokenizer, train_sentencepiece
+from lts_jax.transform import train_inputs
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -60,11 +61,12 @@ def _side_source(n: int = 8, size: int = 32) -> list[dict]:
 def test_training_flip_keeps_words_image_and_mask_consistent():
     source = _side_source()
     tok = Tokenizer(train_sentencepiece([e for s in source for e in s["expressions"]], 40))
-    it = make_train_iterator(source, tok, global_batch_size=8, image_size=32, max_text_len=32,
+    it = make_train_iterator(source, tok, global_batch_size=8, canvas_size=32, max_text_len=32,
                              seed=3, flip=True)
     flipped = kept = 0
     for _ in range(4):
-        batch = next(it)
+        host = next(it)
+        batch = {k: np.asarray(v) for k, v in train_inputs(host, 32).items()}
         for image, mask, ids in zip(batch["image"], batch["mask"], batch["tokens"], strict=True):
             mask_side = "left" if mask[:, :16].sum() > 0 else "right"
             assert mask[:, :16].sum() == 0 or mask[:, 16:].sum() == 0

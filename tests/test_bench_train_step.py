@@ -20,6 +20,7 @@ from lts_jax.model import create_model
 from lts_jax.optim import create_optimizer
 from lts_jax.train import make_loss_fn, resolve_config
 from lts_jax.train_step import abstract_train_state
+from lts_jax.transform import train_inputs_fn
 
 
 def _tiny_config() -> ml_collections.ConfigDict:
@@ -72,5 +73,6 @@ def test_flops_lowered_on_cpu_matches_the_backend_count(tiny_result: dict[str, A
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
              for k, v in synthetic_batch(config, int(config.batch_size)).items()}
     args = (state, batch, jax.eval_shape(jax.random.key, 0))
-    flops = flops_lowered_on_cpu(model, tx, make_loss_fn(config.loss), schedule, args)
+    flops = flops_lowered_on_cpu(model, tx, make_loss_fn(config.loss), schedule, args,
+                                 train_inputs_fn(64))
     assert math.isclose(flops, tiny_result["flops_per_step"], rel_tol=1e-6)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from tiny_workdir import EVAL_SPLIT, get_tiny_workdir
 
-from lts_jax import evaluate, metrics
-from lts_jax.letterbox import letterbox_params
+from lts_jax import evaluate, metrics, transform
+from lts_jax.letterbox import letterbox_mask, letterbox_params
 from lts_jax.mesh import make_mesh, replicate
 
 S = 16  # letterbox side; model logits are S/4 = 4
@@ -63,10 +63,12 @@ def test_mapping_back_non_square_gives_known_mask(hw, axis):
 def _host_batch(rng, n, valid):
     hw = np.array([[30, 60], [60, 30], [16, 16], [20, 40]])[np.arange(n) % 4]
     orig_mask = np.zeros((n, 64, 64), np.uint8)
+    image = np.zeros((n, 64, 64, 3), np.uint8)  # uint8 canvases, as the eval pipeline gives
     for i, (h, w) in enumerate(hw):
         orig_mask[i, :h, :w] = rng.integers(0, 2, size=(h, w))
+        image[i, :h, :w] = rng.integers(0, 256, size=(h, w, 3))
     return {
-        "image": rng.uniform(size=(n, S, S, 3)).astype(np.float32),
+        "image": image,
         "tokens": rng.integers(1, 50, size=(n, 5)).astype(np.int32),
         "token_mask": rng.uniform(size=(n, 5)) < 0.7,
         "valid": np.asarray(valid, bool),
@@ -144,7 +146,8 @@ class _PoolModel(nn.Module):
 def _reference_sums(model, variables, batches, threshold=0.5):
     total = metrics.MetricSums()
     for batch in batches:
-        logits, _ = model.apply(variables, batch["image"], batch["tokens"], batch["token_mask"],
+        image = transform.eval_inputs(batch, S)["image"]
+        logits, _ = model.apply(variables, image, batch["tokens"], batch["token_mask"],
                                 train=False)
         logits_s = np.asarray(evaluate.upsample_square(logits, S))
         total = total + evaluate.batch_sums(logits_s, batch, threshold=threshold,
@@ -156,7 +159,7 @@ def test_evaluate_batches_matches_reference_and_simulated_hosts():
     rng = np.random.default_rng(3)
     batches = [_host_batch(rng, 8, [True] * 8), _host_batch(rng, 8, [True] * 5 + [False] * 3)]
     model = _PoolModel()
-    variables = model.init(jax.random.key(0), batches[0]["image"], batches[0]["tokens"],
+    variables = model.init(jax.random.key(0), jnp.zeros((8, S, S, 3)), batches[0]["tokens"],
                            batches[0]["token_mask"], train=False)
     mesh = make_mesh()
     forward = evaluate.eval_forward(model, mesh, S)
@@ -252,7 +255,10 @@ def test_ground_truth_logits_score_near_perfect_through_real_loader(tiny_run):
     total, padded = metrics.MetricSums(), 0
     for batch in loader:
         padded += int((~batch["valid"]).sum())
-        logits_s = np.where(batch["mask"] > 0.5, 10.0, -10.0).astype(np.float32)
+        size = int(config.data.image_size)
+        boxed = np.stack([letterbox_mask(m[:h, :w], size)
+                          for m, (h, w) in zip(batch["orig_mask"], batch["orig_hw"], strict=True)])
+        logits_s = np.where(boxed > 0.5, 10.0, -10.0).astype(np.float32)
         total = total + evaluate.batch_sums(logits_s, batch, threshold=0.5, empty_union_iou=0.0)
     result = metrics.finalize(total)
     assert padded > 0 and result["pairs"] == eval_size(config, EVAL_SPLIT)[1]

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from lts_jax import input_pipeline as ip
-from lts_jax.letterbox import letterbox_mask, letterbox_params, unletterbox
+from lts_jax import transform
+from lts_jax.letterbox import letterbox, unletterbox
 from lts_jax.tokenizer import Tokenizer, train_sentencepiece
 
 S, L, MAX_ORIG = 32, 24, 48
@@ -48,12 +49,12 @@ def tok() -> Tokenizer:
 
 
 def _objects(batch: dict) -> list[int]:
-    """Object index of each example (centre pixel of the flat red image)."""
-    return [round(float(v) * 255 / 10) for v in batch["image"][:, S // 2, S // 2, 0]]
+    """Object index of each example (top-left canvas pixel of the flat red image)."""
+    return [int(v) // 10 for v in batch["image"][:, 0, 0, 0]]
 
 
 def _train(tok: Tokenizer, **kw) -> ip.TrainIterator:
-    args = dict(global_batch_size=4, image_size=S, max_text_len=L, seed=0)
+    args = dict(global_batch_size=4, canvas_size=MAX_ORIG, max_text_len=L, seed=0)
     args.update(kw)
     return ip.make_train_iterator(SOURCE, tok, **args)
 
@@ -67,14 +68,44 @@ def _assert_same(a: list[dict], b: list[dict]) -> None:
 
 
 def test_train_batch_layout(tok):
-    batch = next(_train(tok, flip=True, photometric=True))
-    expected = {"image": ((4, S, S, 3), np.float32), "mask": ((4, S, S), np.float32),
+    it = _train(tok, flip=True, photometric=True)
+    batch = next(it)
+    packed = transform.packed_width(MAX_ORIG)
+    expected = {"image": ((4, MAX_ORIG, MAX_ORIG, 3), np.uint8),
+                "mask": ((4, MAX_ORIG, packed), np.uint8), "hw": ((4, 2), np.int32),
+                "flip": ((4,), np.bool_), "photometric": ((4, 3), np.float32),
                 "tokens": ((4, L), np.int32), "token_mask": ((4, L), np.bool_),
                 "valid": ((4,), np.bool_)}
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
-    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
-    assert set(np.unique(batch["mask"])) <= {0.0, 1.0} and batch["valid"].all()
-    assert (batch["tokens"][~batch["token_mask"]] == 0).all()
+    for i, obj in enumerate(_objects(batch)):
+        h, w = SOURCE[obj]["mask"].shape
+        assert tuple(batch["hw"][i]) == (h, w)
+        assert np.array_equal(batch["image"][i, :h, :w], SOURCE[obj]["image"])
+        assert not batch["image"][i, h:].any() and not batch["image"][i, :, w:].any()
+        bits = np.unpackbits(batch["mask"][i], axis=1)[:, :MAX_ORIG]
+        assert np.array_equal(bits[:h, :w], SOURCE[obj]["mask"])
+        assert bits.sum() == bits[:h, :w].sum()
+    params = np.concatenate([batch["photometric"]] + [next(it)["photometric"] for _ in range(5)])
+    assert (np.abs(params[:, 0]) <= 0.15).all() and (np.abs(params[:, 1:] - 1) <= 0.25).all()
+    assert batch["valid"].all() and (batch["tokens"][~batch["token_mask"]] == 0).all()
+    # What the train step makes of it.
+    inputs = transform.train_inputs(batch, S)
+    assert inputs["image"].shape == (4, S, S, 3) and inputs["mask"].shape == (4, S, S)
+    assert 0.0 <= float(inputs["image"].min()) and float(inputs["image"].max()) <= 1.0
+    assert set(np.unique(np.asarray(inputs["mask"]))) <= {0.0, 1.0}
+
+
+def test_train_rows_off_by_default(tok):
+    batch = next(_train(tok))
+    assert not batch["flip"].any()
+    assert np.array_equal(batch["photometric"], transform.identity_photometric(4))
+
+
+def test_image_larger_than_canvas_is_refused_naming_the_field(tok):
+    with pytest.raises(ValueError, match="canvas_size"):
+        next(_train(tok, canvas_size=16))
+    with pytest.raises(ValueError, match="canvas_size"):
+        next(iter(_eval(tok, canvas_size=16)))
 
 
 def test_train_sharding_is_disjoint_and_covering_per_epoch(tok):
@@ -151,33 +182,36 @@ def test_global_batch_must_divide_over_processes(tok):
         _train(tok, global_batch_size=5, process_count=2)
     with pytest.raises(ValueError, match="not divisible"):
         ip.make_eval_loader(SOURCE, tok, global_batch_size=3, image_size=S, max_text_len=L,
-                            process_count=2)
+                            process_count=2, canvas_size=MAX_ORIG)
 
 
 def _eval(tok: Tokenizer, **kw) -> ip.EvalLoader:
-    args = dict(global_batch_size=4, image_size=S, max_text_len=L, max_orig_size=MAX_ORIG)
+    args = dict(global_batch_size=4, image_size=S, max_text_len=L, canvas_size=MAX_ORIG)
     args.update(kw)
     return ip.make_eval_loader(SOURCE, tok, **args)
 
 
 def test_eval_batch_layout_maps_back_to_original(tok):
     batch = next(iter(_eval(tok)))
-    expected = {"image": ((4, S, S, 3), np.float32), "mask": ((4, S, S), np.float32),
+    expected = {"image": ((4, MAX_ORIG, MAX_ORIG, 3), np.uint8),
                 "tokens": ((4, L), np.int32), "token_mask": ((4, L), np.bool_),
                 "valid": ((4,), np.bool_), "orig_mask": ((4, MAX_ORIG, MAX_ORIG), np.uint8),
                 "orig_hw": ((4, 2), np.int32), "letterbox": ((4, 3), np.float32),
                 "pair_id": ((4,), np.int64)}
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+    boxed = np.asarray(transform.eval_inputs(batch, S)["image"])
     for i in range(4):
         h, w = batch["orig_hw"][i]
         obj = _objects(batch)[i]
         assert (h, w) == SOURCE[obj]["mask"].shape
         assert np.array_equal(batch["orig_mask"][i, :h, :w], SOURCE[obj]["mask"])
         assert batch["orig_mask"][i, h:].sum() == 0 and batch["orig_mask"][i, :, w:].sum() == 0
-        assert np.array_equal(batch["mask"][i], letterbox_mask(SOURCE[obj]["mask"], S))
-        assert np.array_equal(batch["letterbox"][i], letterbox_params(h, w, S).as_array())
+        assert np.array_equal(batch["image"][i, :h, :w], SOURCE[obj]["image"])
+        reference, params = letterbox(SOURCE[obj]["image"], S)
+        assert np.abs(boxed[i] * 255 - reference).max() <= 1.0
+        assert np.array_equal(batch["letterbox"][i], params.as_array())
         # The row is accepted by unletterbox (its consistency check) and maps S x S to h x w.
-        assert unletterbox(batch["mask"][i] > 0.5, batch["letterbox"][i], (h, w)).shape == (h, w)
+        assert unletterbox(boxed[i, ..., 0] > 0.5, batch["letterbox"][i], (h, w)).shape == (h, w)
 
 
 @pytest.mark.parametrize("process_count", [1, 2])
@@ -199,7 +233,7 @@ def test_eval_covers_every_pair_once_in_order(tok, process_count):
     expected = [(o, j) for o in range(NUM_OBJECTS) for j in range(len(SOURCE[o]["expressions"]))]
     for (obj, j), (_, _, tokens, image) in zip(expected, rows, strict=False):
         assert tok.decode(tokens) == f"thing {obj} take {j}"
-        assert round(float(image[S // 2, S // 2, 0]) * 255 / 10) == obj
+        assert int(image[0, 0, 0]) // 10 == obj
     for pad in rows[NUM_PAIRS:]:  # well-formed dummies: one token, nothing else
         assert pad[2][0] != 0 and (pad[2][1:] == 0).all() and not pad[3].any()
 
@@ -218,7 +252,8 @@ def _config(data_dir: str) -> ml_collections.ConfigDict:
     config.batch_size = 4
     config.eval_batch_size = 4
     config.data = ml_collections.ConfigDict(dict(
-        dataset="refshapes", data_dir=data_dir, manual_dir="", image_size=S, max_text_len=L,
+        dataset="refshapes", data_dir=data_dir, manual_dir="", image_size=S, canvas_size=128,
+        max_text_len=L,
         vocab_size=128, train_split="train", eval_splits="validation", num_workers=0,
         flip=True, photometric=True))
     return config
@@ -244,13 +279,14 @@ def test_refshapes_loaders_end_to_end(refshapes):
 
     it = ip.create_train_loader(config, tok, process_index=1, process_count=2)
     batch = next(it)
-    assert batch["image"].shape == (2, S, S, 3) and batch["mask"].any()
+    assert batch["image"].shape == (2, 128, 128, 3) and batch["mask"].any()
+    assert (batch["hw"] == 96).all()  # RefShapes images are 96x96
     assert batch["token_mask"][:, 0].all()
 
     n_batches, n_pairs = ip.eval_size(config, "validation")
     assert n_pairs == counts["validation"]["expressions"]
-    loaders = [ip.create_eval_loader(config, "validation", tok, process_index=p, process_count=2,
-                                     max_orig_size=128) for p in range(2)]
+    loaders = [ip.create_eval_loader(config, "validation", tok, process_index=p, process_count=2)
+               for p in range(2)]
     assert all(ld.num_batches == n_batches and ld.num_pairs == n_pairs for ld in loaders)
     ids = [int(i) for ld in loaders for b in ld for i in b["pair_id"]]
     assert sorted(i for i in ids if i >= 0) == list(range(n_pairs))
@@ -264,7 +300,7 @@ import ml_collections
 config = ml_collections.ConfigDict({cfg!r})
 tok = load_tokenizer(config)
 next(ip.create_train_loader(config, tok))
-next(iter(ip.create_eval_loader(config, "validation", tok, max_orig_size=128)))
+next(iter(ip.create_eval_loader(config, "validation", tok)))
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tf_keras", "keras"))
 assert not loaded, loaded
 print("ok")

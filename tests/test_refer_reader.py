@@ -378,7 +378,13 @@ def test_mask_png_round_trip():
     mask = (rng.random((13, 17)) > 0.5).astype(np.uint8)
     data = masks.encode_mask_png(mask)
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    np.testing.assert_array_equal(masks.decode_mask_png(data), mask)
+    decoded = masks.decode_mask_png(data)
+    assert decoded.dtype == np.uint8 and decoded.shape == (13, 17)
+    np.testing.assert_array_equal(decoded, mask)
+    # A greyscale PNG (not what the builder writes) still decodes to {0, 1}.
+    grey = io.BytesIO()
+    Image.fromarray(mask * 200).save(grey, format="PNG")
+    np.testing.assert_array_equal(masks.decode_mask_png(grey.getvalue()), mask)
 
 
 # --- images ------------------------------------------------------------------------------

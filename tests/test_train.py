@@ -200,7 +200,8 @@ def test_sigterm_saves_and_rerun_resumes_bit_identically(full_run, data_dir, tmp
 
 
 class _NaNImageAt:
-    """Wraps the train iterator; batch number ``bad`` (1-based) gets a NaN image."""
+    """Wraps the train iterator; batch number ``bad`` (1-based) gets a NaN image (through its
+    photometric brightness shift: the pixels themselves travel as uint8)."""
 
     def __init__(self, inner, bad: int) -> None:
         self.inner, self.bad, self.count = inner, bad, 0
@@ -209,7 +210,7 @@ class _NaNImageAt:
         batch = dict(next(self.inner))
         self.count += 1
         if self.count == self.bad:
-            batch["image"] = np.full_like(batch["image"], np.nan)
+            batch["photometric"] = np.full_like(batch["photometric"], np.nan)
         return batch
 
     def get_state(self):

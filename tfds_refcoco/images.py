@@ -45,4 +45,5 @@ def check_image(data: bytes, name: str, height: int, width: int) -> None:
 def decode_rgb(data: bytes) -> np.ndarray:
     """uint8[H, W, 3] RGB pixels of an encoded image (grayscale/CMYK converted)."""
     with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        # convert() copies even an RGB image; only grayscale/CMYK need it.
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)

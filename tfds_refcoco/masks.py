@@ -183,4 +183,7 @@ def segmentation_png(job: tuple[Any, int, int]) -> bytes:
 def decode_mask_png(data: bytes) -> np.ndarray:
     """The uint8[H, W] {0, 1} mask stored by ``encode_mask_png``."""
     with Image.open(io.BytesIO(data)) as img:
+        if img.mode == "1":  # what encode_mask_png writes
+            # PIL hands mode "1" to numpy as bool whose bytes are 0/255: one pass to {0, 1}.
+            return np.asarray(img).view(np.uint8) & np.uint8(1)
         return (np.asarray(img.convert("L")) > 0).astype(np.uint8)
