@@ -168,15 +168,15 @@ def breakdown(source: Any, tok: Tokenizer, config: Any, size: int) -> dict[str, 
     }
 
 
-def time_device_transform(batch: dict[str, np.ndarray], mode: str, size: int,
-                          repeats: int = 5) -> tuple[float, str]:
+def time_device_transform(batch: dict[str, np.ndarray], mode: str, size: int, method: str,
+                          repeats: int = 3) -> tuple[float, str]:
     """(best ms, backend) of the jitted device-side transform of one host batch."""
     import jax
 
     from lts_jax import transform
 
     fn = transform.train_inputs if mode == "train" else transform.eval_inputs
-    jitted = jax.jit(lambda b: fn(b, size))
+    jitted = jax.jit(lambda b: fn(b, size, method))
     fields = {k: jax.device_put(v) for k, v in batch.items()
               if k in ("image", "mask", "hw", "flip", "photometric", "orig_hw", "tokens",
                        "token_mask")}
@@ -273,12 +273,15 @@ def main() -> None:
                      if args.mode == "train" else ("image", "orig_hw", "tokens", "token_mask"))
     to_device = sum(sample[k].nbytes for k in device_fields) / batch_size
     print(f"host->device: {to_device / 1e3:.1f} kB per sample ({', '.join(device_fields)})")
-    ms, backend = time_device_transform(sample, args.mode, size)
-    print(f"device-side transform ({'train_inputs' if args.mode == 'train' else 'eval_inputs'}"
-          f", jitted, {backend}): {ms:.1f} ms per batch of {batch_size}")
+    # The per-stage table before any JAX work, so XLA's threads cannot disturb it.
+    stages = {} if args.no_breakdown else breakdown(source, tok, config, size)
+    name = "train_inputs" if args.mode == "train" else "eval_inputs"
+    for method in ("gather", "matmul"):
+        ms, backend = time_device_transform(sample, args.mode, size, method)
+        print(f"device-side transform ({name}, jitted, {backend}, {method} resampling): "
+              f"{ms:.1f} ms per batch of {batch_size}")
     if args.no_breakdown:
         return
-    stages = breakdown(source, tok, config, size)
     bare = stages["bare JPEG decode (decode_rgb)"]
     best = max(r for r, _ in rates.values())
     pipeline_ms = 1e3 / best

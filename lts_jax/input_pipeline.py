@@ -109,6 +109,22 @@ def place_mask(mask: np.ndarray, out: np.ndarray) -> None:
     out[:packed.shape[0], :packed.shape[1]] = packed
 
 
+def _in_grain_worker() -> bool:
+    try:  # private in grain 0.2; without it, batches are copied to shared memory once more
+        from grain._src.python.dataset.transformations import process_prefetch
+    except ImportError:
+        return False
+    return process_prefetch.is_in_worker_process()
+
+
+def _zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """A zero-filled uint8 array; in a grain worker, directly in shared memory, so the 40 MB
+    batch is not copied there again on its way to the main process."""
+    if _in_grain_worker():
+        return grain.multiprocessing.SharedMemoryArray(shape, np.uint8)  # zero-filled shm
+    return np.zeros(shape, np.uint8)
+
+
 @functools.lru_cache(maxsize=4)
 def _epoch_order(seed: int, num_objects: int, epoch: int) -> np.ndarray:
     """The object order of one training epoch (cached: a batch reads 32 positions of it)."""
@@ -141,8 +157,7 @@ class _TrainBatch:
 
     def __call__(self, batch_index: int) -> Batch:
         b, c, length = self.batch_size, self.canvas_size, self.max_text_len
-        out = {"image": np.zeros((b, c, c, 3), np.uint8),
-               "mask": np.zeros((b, c, packed_width(c)), np.uint8),
+        out = {"image": _zeros((b, c, c, 3)), "mask": _zeros((b, c, packed_width(c))),
                "hw": np.empty((b, 2), np.int32), "flip": np.zeros((b,), np.bool_),
                "photometric": identity_photometric(b),
                "tokens": np.empty((b, length), np.int32),

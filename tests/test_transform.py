@@ -54,6 +54,32 @@ def test_device_letterbox_matches_pil(h, w, size):
     np.testing.assert_array_equal(out_mask, letterbox_mask(mask, size))
 
 
+@pytest.mark.parametrize("h,w,size", [(48, 64, 32), (17, 63, 40), (64, 64, 64)])
+def test_matmul_and_gather_resampling_agree(h, w, size):
+    image, mask = _example(h, w, seed=2)
+    image_c, _ = _canvases(image, mask)
+    args = (jnp.asarray(image_c[None]), jnp.asarray([[h, w]], jnp.int32), size)
+    flip = jnp.asarray([True])
+    for f in (None, flip):
+        gather = transform.letterbox_images(*args, flip=f, method="gather")
+        matmul = transform.letterbox_images(*args, flip=f, method="matmul")
+        np.testing.assert_allclose(np.asarray(gather), np.asarray(matmul), atol=1e-5)
+    with pytest.raises(ValueError, match="resampling method"):
+        transform.letterbox_images(*args, method="bicubic")
+
+
+@pytest.mark.parametrize("h,w,size", [(40, 52, 32), (63, 17, 48)])
+def test_flip_in_the_step_mirrors_the_letterbox(h, w, size):
+    image, mask = _example(h, w, seed=4)
+    image_c, mask_c = _canvases(image, mask)
+    args = (jnp.asarray([[h, w]], jnp.int32), size, jnp.asarray([True]))
+    flipped = transform.letterbox_images(jnp.asarray(image_c[None]), *args)
+    flipped_mask = transform.letterbox_masks(jnp.asarray(mask_c[None]), *args)
+    plain, plain_mask = _device(image, mask, size)
+    np.testing.assert_allclose(np.asarray(flipped[0]), plain[:, ::-1], atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(flipped_mask[0]), plain_mask[:, ::-1])
+
+
 @pytest.mark.parametrize("h,w,size", [(40, 52, 32), (64, 20, 48), (10, 10, 32)])
 def test_canvas_padding_never_leaks_into_the_result(h, w, size):
     image, mask = _example(h, w, seed=3)
