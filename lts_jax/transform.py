@@ -152,16 +152,20 @@ def _plans(hw: jax.Array, flip: jax.Array | None, size: int, canvas: int
     return jax.vmap(lambda s, f: _geometry(s, size, canvas, taps, f))(hw, flip)
 
 
-def default_method() -> str:
-    """'gather' on CPU (2.5x faster there), 'matmul' on accelerators."""
-    return "gather" if jax.default_backend() == "cpu" else "matmul"
+def default_method(canvas: int, size: int) -> str:
+    """'matmul' on accelerators (TPUs are slow at gathers). On CPU, measured on a batch of 32:
+    96 -> 96 matmul 9 ms vs gather 21 ms; 640 -> 416 gather 0.49 s vs matmul 1.3 s (dense
+    weights cost C / taps times the work once the canvas is larger than the input)."""
+    if jax.default_backend() != "cpu" or canvas <= size:
+        return "matmul"
+    return "gather"
 
 
 def letterbox_images(images: jax.Array, hw: jax.Array, size: int,
                      flip: jax.Array | None = None, method: str | None = None) -> jax.Array:
     """uint8[B, C, C, 3] canvases with int32[B, 2] (H, W) -> float32[B, S, S, 3] in [0, 1],
     mirrored left-right where ``flip`` (bool[B]) is set."""
-    method = method or default_method()
+    method = method or default_method(images.shape[1], size)
     if method not in ("gather", "matmul"):
         raise ValueError(f"unknown resampling method {method!r}; use 'gather' or 'matmul'")
     plans = _plans(hw, flip, size, images.shape[1])
@@ -194,7 +198,7 @@ def train_inputs(batch: Batch, size: int, method: str | None = None) -> dict[str
 
     Letterbox to S x S, flip where the host drew a flip (it has already swapped the
     left/right words), photometric jitter with the host's factors. ``method``: resampling
-    ('gather' | 'matmul', None = default_method()).
+    ('gather' | 'matmul', None = default_method(C, S)).
     """
     image = letterbox_images(batch["image"], batch["hw"], size, batch["flip"], method)
     mask = letterbox_masks(batch["mask"], batch["hw"], size, batch["flip"])

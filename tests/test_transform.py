@@ -181,3 +181,9 @@ def test_num_taps_covers_the_widest_downscale():
     assert transform.num_taps(640, 416) == 5  # support 1.54 -> 2 on each side
     assert transform.num_taps(96, 96) == 3
     assert transform.num_taps(640, 64) == 21
+
+
+def test_default_method_follows_the_measurements_on_cpu():
+    # jax runs on the CPU in the tests: dense weights only where there is no downscale.
+    assert transform.default_method(96, 96) == "matmul"
+    assert transform.default_method(640, 416) == "gather"
