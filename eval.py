@@ -20,7 +20,7 @@ from ml_collections import config_flags
 from lts_jax import evaluate
 from lts_jax.checkpoint import load_for_inference
 from lts_jax.mesh import make_mesh
-from lts_jax.model import create_model
+from lts_jax.models.model import create_model
 from lts_jax.results_table import SplitResult, format_markdown, write_results
 from lts_jax.tokenizer import load_tokenizer
 

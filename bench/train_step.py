@@ -62,7 +62,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lts_jax.mesh import make_mesh, replicate, shard_batch  # noqa: E402
-from lts_jax.model import create_model  # noqa: E402
+from lts_jax.models.model import create_model  # noqa: E402
 from lts_jax.optim import create_optimizer  # noqa: E402
 from lts_jax.train import make_loss_fn, resolve_config  # noqa: E402
 from lts_jax.train_step import LossFn, init_train_state, make_train_step  # noqa: E402

@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-from lts_jax.model import model_config
+from lts_jax.models.model import model_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Prepared datasets and their tokenizers; raw downloads go under data/refer (see README).

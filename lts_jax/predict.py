@@ -24,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from lts_jax import metrics, visualize
 from lts_jax.evaluate import upsample_square
 from lts_jax.letterbox import letterbox, unletterbox
-from lts_jax.model import create_model
+from lts_jax.models.model import create_model
 
 OUTPUT_KINDS: tuple[str, ...] = ("mask", "overlay", "prior")
 

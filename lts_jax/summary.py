@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lts_jax.model import DTYPES, LTS, STAGES, create_model, init_variables
+from lts_jax.models.model import DTYPES, LTS, STAGES, create_model, init_variables
 
 
 def _count(tree: Any) -> int:

@@ -127,7 +127,7 @@ def _check_batch_sizes(config: ml_collections.ConfigDict) -> None:
 
 def _visual_weights_fn(path: str) -> Any:
     """Host-side hook that puts pretrained DarkNet weights into the 'visual' subtree."""
-    from lts_jax.darknet_weights import load_visual_variables
+    from lts_jax.models.darknet_weights import load_visual_variables
 
     def apply(variables: dict[str, Any]) -> dict[str, Any]:
         loaded = load_visual_variables(path)
@@ -273,7 +273,7 @@ def train_and_evaluate(
 
     from lts_jax.evaluate import evaluate_split  # deferred: needs the pipeline
     from lts_jax.input_pipeline import create_train_loader
-    from lts_jax.model import create_model
+    from lts_jax.models.model import create_model
 
     mesh = make_mesh()
     model = create_model(config.model)

@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh
 
 from lts_jax.mesh import batch_sharding, replicated
-from lts_jax.model import init_variables
+from lts_jax.models.model import init_variables
 
 TrainState = dict[str, Any]
 Batch = Mapping[str, jax.Array]

@@ -16,7 +16,7 @@ from bench.train_step import (
     run_benchmark,
     synthetic_batch,
 )
-from lts_jax.model import create_model
+from lts_jax.models.model import create_model
 from lts_jax.optim import create_optimizer
 from lts_jax.train import make_loss_fn, resolve_config
 from lts_jax.train_step import abstract_train_state

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lts_jax.darknet import (
+from lts_jax.models.darknet import (
     DarkNet,
     darknet_channels,
     darknet_conv_specs,

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lts_jax.darknet import ConvBN, DarkNet, stage_blocks_for_depth
-from lts_jax.darknet_weights import (
+from lts_jax.models.darknet import ConvBN, DarkNet, stage_blocks_for_depth
+from lts_jax.models.darknet_weights import (
     DARKNET53_FLOATS,
     load_visual_variables,
     main,
@@ -19,8 +19,8 @@ from lts_jax.darknet_weights import (
     require_full_darknet53,
     yolov3_head_floats,
 )
-from lts_jax.model import create_model, init_variables, model_config
-from lts_jax.state_dict_import import (
+from lts_jax.models.model import create_model, init_variables, model_config
+from lts_jax.models.state_dict_import import (
     load_state_dict,
     save_state_dict,
     state_dict_to_variables,

@@ -217,7 +217,7 @@ def tiny_run(tmp_path_factory):
 
 def test_evaluate_split_end_to_end(tiny_run):
     from lts_jax.input_pipeline import eval_size
-    from lts_jax.model import create_model
+    from lts_jax.models.model import create_model
     from lts_jax.tokenizer import load_tokenizer
 
     _, config, variables, _ = tiny_run

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lts_jax.fusion import Fusion, coord_features, l2_normalize
-from lts_jax.locate import Locate, sine_positions
-from lts_jax.segment import Segment
+from lts_jax.models.fusion import Fusion, coord_features, l2_normalize
+from lts_jax.models.locate import Locate, sine_positions
+from lts_jax.models.segment import Segment
 
 KEY = jax.random.key(0, impl="rbg")
 B, L, D = 2, 5, 16

@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lts_jax.losses import lts_loss
-from lts_jax.model import STAGES, create_model, init_variables, model_config
+from lts_jax.models.model import STAGES, create_model, init_variables, model_config
 
 S, L, VOCAB = 64, 6, 12
 RED, BLUE, BOX = 1, 2, 3

@@ -12,7 +12,7 @@ from PIL import Image
 from tiny_workdir import get_tiny_workdir, random_variables
 
 from lts_jax import predict, visualize
-from lts_jax.model import create_model, model_config
+from lts_jax.models.model import create_model, model_config
 from lts_jax.tokenizer import Tokenizer, train_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]

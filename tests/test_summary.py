@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from lts_jax.model import STAGES, model_config
+from lts_jax.models.model import STAGES, model_config
 from lts_jax.summary import format_costs, stage_costs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +47,7 @@ def test_cli_prints_table_for_a_config_file(tmp_path: os.PathLike) -> None:
     config = tmp_path / "tiny_config.py"
     config.write_text(textwrap.dedent("""
         import ml_collections
-        from lts_jax.model import model_config
+        from lts_jax.models.model import model_config
 
         def get_config(arg=None):
             config = ml_collections.ConfigDict()

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lts_jax.text_encoder import TextEncoder
+from lts_jax.models.text_encoder import TextEncoder
 
 MODEL = TextEncoder(vocab_size=20, embed_dim=8, hidden_dim=6)
 TOKENS = np.array([[3, 4, 5, 0, 0], [7, 2, 0, 0, 0], [1, 2, 3, 4, 5]], np.int32)

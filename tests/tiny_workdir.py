@@ -24,7 +24,7 @@ def random_variables(model: Any, image_size: int, max_text_len: int, seed: int =
 
     ``jax.eval_shape`` gives the shapes without compiling ``model.init`` (slow on CPU).
     """
-    from lts_jax.model import init_variables
+    from lts_jax.models.model import init_variables
 
     shapes = jax.eval_shape(
         lambda k: init_variables(model, k, image_size, max_text_len), jax.random.key(0)
@@ -44,7 +44,7 @@ def random_variables(model: Any, image_size: int, max_text_len: int, seed: int =
 def _build(root: Path) -> Path:
     from configs.refshapes import get_config
     from lts_jax.checkpoint import TrainCheckpoints
-    from lts_jax.model import create_model
+    from lts_jax.models.model import create_model
     from lts_jax.tokenizer import load_tokenizer
     from lts_jax.train import resolve_config
     from lts_jax.workdir_config import write_config

@@ -16,12 +16,12 @@ network order: BN beta, gamma, running mean, running variance, then the conv
 weights (OIHW). The first 52 convs are the DarkNet-53 backbone; anything after
 them (the YOLOv3 head) is ignored. Only full-width, full-depth DarkNet-53 can take
 these weights. PyTorch-style state dicts in .npz/.safetensors are read by
-``lts_jax.state_dict_import`` (key layout documented there).
+``lts_jax.models.state_dict_import`` (key layout documented there).
 
 Converted weights are stored as flax msgpack of {'params', 'batch_stats'} of the
 'visual' subtree:
 
-    python -m lts_jax.darknet_weights --weights darknet53.conv.74 --out darknet53.msgpack
+    python -m lts_jax.models.darknet_weights --weights darknet53.conv.74 --out darknet53.msgpack
 
 and loaded in training with ``load_visual_variables`` + ``merge_visual_variables``.
 """
@@ -38,13 +38,13 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
-from lts_jax.darknet import (
+from lts_jax.models.darknet import (
     FULL_STAGE_BLOCKS,
     darknet_conv_specs,
     is_full_darknet53,
     stage_blocks_for_depth,
 )
-from lts_jax.state_dict_import import (
+from lts_jax.models.state_dict_import import (
     ConvBNArrays,
     layers_to_variables,
     load_state_dict,
@@ -162,7 +162,7 @@ def load_visual_variables(
     """{'params', 'batch_stats'} for the 'visual' subtree from any supported file.
 
     .msgpack (written by this module's CLI), .weights (Darknet), .npz or
-    .safetensors (state dict, see ``lts_jax.state_dict_import``).
+    .safetensors (state dict, see ``lts_jax.models.state_dict_import``).
     """
     name = os.fspath(path)
     if name.endswith(".msgpack"):

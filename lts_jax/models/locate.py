@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lts_jax.darknet import ConvBN
+from lts_jax.models.darknet import ConvBN
 
 FUSED_STRIDE = 8
 

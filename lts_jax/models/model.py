@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lts_jax.darknet import DarkNet, stage_blocks_for_depth
-from lts_jax.fusion import Fusion
-from lts_jax.locate import Locate
-from lts_jax.segment import Segment
-from lts_jax.text_encoder import TextEncoder
+from lts_jax.models.darknet import DarkNet, stage_blocks_for_depth
+from lts_jax.models.fusion import Fusion
+from lts_jax.models.locate import Locate
+from lts_jax.models.segment import Segment
+from lts_jax.models.text_encoder import TextEncoder
 
 VARIANTS = ("tiny", "small", "full")
 BN_MODES = ("train", "frozen")

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lts_jax.darknet import ConvBN
+from lts_jax.models.darknet import ConvBN
 
 
 def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:

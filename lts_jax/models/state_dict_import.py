@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from lts_jax.darknet import FULL_STAGE_BLOCKS, ConvSpec, darknet_conv_specs
+from lts_jax.models.darknet import FULL_STAGE_BLOCKS, ConvSpec, darknet_conv_specs
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 
@@ -137,7 +137,7 @@ def _detect_prefix(state_dict: Mapping[str, np.ndarray]) -> str:
     hits = [k[: -len(marker)] for k in state_dict if k.endswith(marker)]
     if len(hits) != 1:
         raise ValueError(f"state dict has {len(hits)} keys ending in {marker!r}; expected one "
-                         "(see lts_jax.state_dict_import for the key layout)")
+                         "(see lts_jax.models.state_dict_import for the key layout)")
     return hits[0]
 
 
