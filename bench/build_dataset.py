@@ -308,10 +308,12 @@ def _build_child(argv: Sequence[str]) -> int:
     t0 = time.perf_counter()
     rc = build.main(argv)
     wall = time.perf_counter() - t0
-    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print("BUILD_STATS " + json.dumps({"rc": rc, "wall_s": wall, "self_maxrss_kb": self_kb,
-                                        "children_maxrss_kb": children_kb}))
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # the pool's workers, once joined
+    cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    print("BUILD_STATS " + json.dumps({"rc": rc, "wall_s": wall, "cpu_s": cpu,
+                                        "self_maxrss_kb": me.ru_maxrss,
+                                        "children_maxrss_kb": kids.ru_maxrss}))
     return rc
 
 
@@ -363,14 +365,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     stats = json.loads(stats_lines[-1].removeprefix("BUILD_STATS "))
     table = "\n".join(s for s in proc.stdout.splitlines() if s.startswith("|"))
+    built = {cells[0]: {"objects": int(cells[1]), "images": int(cells[2]),
+                        "expressions": int(cells[3])}
+             for row in table.splitlines()[2:]
+             if (cells := [c.strip().replace(",", "") for c in row.strip("|").split("|")])
+             and cells[0] != "total"}
     objects = sum(c["objects"] for c in expected.values())
     size = disk_bytes(data_dir)
 
     print(f"CPU: {cpu_description()}")
     print(f"command: python -m tfds_refcoco.build {' '.join(cmd)}")
     print(table)
-    print(f"expected (generated) counts: {json.dumps(expected)}")
-    print(f"build wall time: {stats['wall_s']:.1f} s  ({objects / stats['wall_s']:.0f} objects/s)")
+    print("built counts == generated counts:", "yes" if built == expected else
+          f"NO, generated {json.dumps(expected)}")
+    print(f"build wall time: {stats['wall_s']:.1f} s  ({objects / stats['wall_s']:.0f} objects/s, "
+          f"{stats['cpu_s']:.0f} CPU-s in the build and its workers)")
     print(f"peak RSS: build process {stats['self_maxrss_kb'] / 1024:.0f} MiB, largest worker "
           f"{stats['children_maxrss_kb'] / 1024:.0f} MiB")
     print(f"on disk: {size:,} bytes ({size / 2**30:.2f} GiB) in {data_dir}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import refer_fixture as rf
 
-from tfds_refcoco import build_lock, builder, records, workers
+from tfds_refcoco import build_lock, builder, records, refer, validate, workers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "refcoco_unc"
@@ -156,3 +156,25 @@ def test_concurrent_build_is_refused_with_one_line(raw, lock_holder):
     counts = records.prepare(CONFIG, data_dir, raw.root, num_workers=1)
     assert counts["train"]["objects"] == 3
     assert not running.exists()
+
+
+# --- the benchmark's generator ------------------------------------------------------------
+
+
+def test_bench_generator_writes_what_it_promises(tmp_path):
+    from bench.build_dataset import generate, split_sizes
+
+    expected = generate(tmp_path, scale=0.0005)
+    sizes = split_sizes(0.0005)
+    assert expected["train"] == dict(zip(("objects", "expressions", "images"), sizes["train"],
+                                         strict=True))
+    refs = (tmp_path / "refcoco" / "refs(unc).p").read_bytes()
+    assert refs[:2] == b"\x80\x02" and b"U\x06ref_id" in refs  # Python 2 str keys
+    by_split = refer.read_refer(tmp_path, "refcoco", "unc")
+    got = {s: {"objects": len(objs), "images": len({o.image_id for o in objs}),
+               "expressions": sum(len(o.expressions) for o in objs)}
+           for s, objs in by_split.items()}
+    assert got == expected
+    sizes_kb = [p.stat().st_size / 1024 for p in (tmp_path / "train2014").iterdir()]
+    assert 80 < sum(sizes_kb) / len(sizes_kb) < 200  # COCO-like JPEG sizes
+    assert validate.find_problems(by_split) == []
