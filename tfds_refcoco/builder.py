@@ -252,6 +252,8 @@ RefShapes needs no download: without --manual_dir it is generated under <data_di
         """TFDS's download_and_prepare, holding this config's build lock (see build_lock):
         a concurrent build of the same config stops with BuildLockedError, and the
         ``incomplete.*`` folders of killed builds are removed first."""
+        if self.data_path.exists():  # complete (TFDS renames atomically): nothing to lock,
+            return super().download_and_prepare(*args, **kwargs)  # and maybe a read-only dir
         config_dir = Path(os.fspath(self.data_path)).parent
         what = f"{self.name}/{self.builder_config.name} in {self.data_dir_root}"
         with build_lock.BuildLock(config_dir, what):
