@@ -17,6 +17,7 @@ each holding ``conv/kernel`` (HWIO) and ``bn/{scale,bias}`` + ``bn/{mean,var}``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -29,6 +30,11 @@ FULL_STAGE_BLOCKS: tuple[int, ...] = (1, 2, 8, 8, 4)
 STEM_CHANNELS = 32
 STAGE_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 1024)
 LEAKY_SLOPE = 0.1
+
+# A Module class or a functools.partial of one, passed down the way flax's ImageNet ResNet
+# passes ``conv``/``norm``: the BatchNorm settings are bound once (``create_model``) instead
+# of every module carrying and forwarding them.
+ModuleDef = Any
 
 
 def scale_channels(channels: int, width_mult: float, minimum: int = 4) -> int:
@@ -129,17 +135,16 @@ class ResidualBlock(nn.Module):
     """Darknet residual unit: 1x1 to half width, 3x3 back, identity shortcut."""
 
     channels: int
-    dtype: Any = jnp.float32
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
+    conv_bn: ModuleDef = ConvBN  # dtype and BatchNorm settings already bound by the caller
 
     @nn.compact
     def __call__(self, x: jax.Array, *, use_running_average: bool) -> jax.Array:
-        kw = dict(dtype=self.dtype, bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon)
-        y = ConvBN(self.channels // 2, 1, name="conv1", **kw)(
+        y = self.conv_bn(self.channels // 2, 1, name="conv1")(
             x, use_running_average=use_running_average
         )
-        y = ConvBN(self.channels, 3, name="conv2", **kw)(y, use_running_average=use_running_average)
+        y = self.conv_bn(self.channels, 3, name="conv2")(
+            y, use_running_average=use_running_average
+        )
         return x + y
 
 
@@ -154,8 +159,7 @@ class DarkNet(nn.Module):
     stage_blocks: tuple[int, ...] = FULL_STAGE_BLOCKS
     dtype: Any = jnp.float32
     bn_frozen: bool = False
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
+    conv_bn: ModuleDef = ConvBN  # e.g. partial(ConvBN, bn_momentum=..., bn_epsilon=...)
 
     def __call__(
         self, image: jax.Array, *, train: bool
@@ -172,14 +176,14 @@ class DarkNet(nn.Module):
         if len(self.stage_blocks) != 5:
             raise ValueError(f"DarkNet needs 5 stages, got {self.stage_blocks}")
         use_ra = self.bn_frozen or not train
-        kw = dict(dtype=self.dtype, bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon)
+        conv_bn = functools.partial(self.conv_bn, dtype=self.dtype)
         stem, stage_channels = darknet_channels(self.width_mult)
-        x = ConvBN(stem, 3, name="stem", **kw)(image.astype(self.dtype), use_running_average=use_ra)
+        x = conv_bn(stem, 3, name="stem")(image.astype(self.dtype), use_running_average=use_ra)
         outputs = []
         for i, (channels, blocks) in enumerate(zip(stage_channels, self.stage_blocks, strict=True)):
-            x = ConvBN(channels, 3, strides=2, name=f"down{i}", **kw)(x, use_running_average=use_ra)
+            x = conv_bn(channels, 3, strides=2, name=f"down{i}")(x, use_running_average=use_ra)
             for j in range(blocks):
-                x = ResidualBlock(channels, name=f"stage{i}_block{j}", **kw)(
+                x = ResidualBlock(channels, conv_bn=conv_bn, name=f"stage{i}_block{j}")(
                     x, use_running_average=use_ra
                 )
             outputs.append(x)

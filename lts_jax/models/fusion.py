@@ -10,13 +10,14 @@ by the unit-norm product.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lts_jax.models.darknet import ConvBN
+from lts_jax.models.darknet import ConvBN, ModuleDef
 
 COORD_CHANNELS = 8
 
@@ -79,8 +80,7 @@ class Fusion(nn.Module):
 
     dim: int = 256
     dtype: Any = jnp.float32
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
+    conv_bn: ModuleDef = ConvBN  # e.g. partial(ConvBN, bn_momentum=..., bn_epsilon=...)
 
     @nn.compact
     def __call__(
@@ -92,7 +92,7 @@ class Fusion(nn.Module):
         *,
         train: bool,
     ) -> jax.Array:
-        kw = dict(dtype=self.dtype, bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon)
+        conv_bn = functools.partial(self.conv_bn, dtype=self.dtype)
         use_ra = not train
         sentence = sentence.astype(self.dtype)
         for fine, coarse in ((c4, c5), (c3, c4)):
@@ -103,13 +103,13 @@ class Fusion(nn.Module):
                 )
         fused = None
         for name, feat in (("c5", c5), ("c4", c4), ("c3", c3)):
-            v = ConvBN(self.dim, 1, name=f"{name}_proj", **kw)(
+            v = conv_bn(self.dim, 1, name=f"{name}_proj")(
                 with_coords(feat.astype(self.dtype)), use_running_average=use_ra
             )
             if fused is not None:
-                v = ConvBN(self.dim, 3, name=f"{name}_merge", **kw)(
+                v = conv_bn(self.dim, 3, name=f"{name}_merge")(
                     jnp.concatenate([v, upsample2x(fused)], axis=-1), use_running_average=use_ra
                 )
             text = nn.Dense(self.dim, dtype=self.dtype, name=f"{name}_text")(sentence)
             fused = l2_normalize(v * text[:, None, None, :])
-        return ConvBN(self.dim, 3, name="out", **kw)(with_coords(fused), use_running_average=use_ra)
+        return conv_bn(self.dim, 3, name="out")(with_coords(fused), use_running_average=use_ra)

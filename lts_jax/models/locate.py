@@ -16,6 +16,7 @@ by the same amount, so softmax ignores it and it would never receive gradient.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any
@@ -24,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lts_jax.models.darknet import ConvBN
+from lts_jax.models.darknet import ConvBN, ModuleDef
 
 FUSED_STRIDE = 8
 
@@ -110,8 +111,7 @@ class Locate(nn.Module):
     dropout: float = 0.1
     stride: int = 16  # relative to the image; F_m is at stride 8
     dtype: Any = jnp.float32
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
+    conv_bn: ModuleDef = ConvBN  # e.g. partial(ConvBN, bn_momentum=..., bn_epsilon=...)
 
     @nn.compact
     def __call__(
@@ -125,11 +125,11 @@ class Locate(nn.Module):
     ) -> tuple[jax.Array, jax.Array]:
         if self.stride not in (8, 16, 32):
             raise ValueError(f"locate stride must be 8, 16 or 32, got {self.stride}")
-        kw = dict(dtype=self.dtype, bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon)
+        conv_bn = functools.partial(self.conv_bn, dtype=self.dtype)
         x = fused.astype(self.dtype)
         dim = x.shape[-1]
         for i in range(int(math.log2(self.stride // FUSED_STRIDE))):
-            x = ConvBN(dim, 3, strides=2, name=f"down{i}", **kw)(x, use_running_average=not train)
+            x = conv_bn(dim, 3, strides=2, name=f"down{i}")(x, use_running_average=not train)
         b, h, w, _ = x.shape
 
         # Relevance filtering: a per-expression 1x1 conv over the visual features.

@@ -14,6 +14,7 @@ Dropout (transformer only) draws from the 'dropout' rng when ``train=True``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lts_jax.models.darknet import DarkNet, stage_blocks_for_depth
+from lts_jax.models.darknet import ConvBN, DarkNet, stage_blocks_for_depth
 from lts_jax.models.fusion import Fusion
 from lts_jax.models.locate import Locate
 from lts_jax.models.segment import Segment
@@ -143,14 +144,16 @@ def create_model(cfg: ml_collections.ConfigDict, *, text_unroll: int = 1) -> LTS
     if cfg.bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {cfg.bn_mode!r}")
     dtype = DTYPES[cfg.dtype]
-    bn = dict(bn_momentum=cfg.bn_momentum, bn_epsilon=cfg.bn_epsilon)
+    # Every conv-BN layer (backbone, fusion, locate, segment) shares these BatchNorm settings;
+    # each module binds its own compute dtype.
+    conv_bn = functools.partial(ConvBN, bn_momentum=cfg.bn_momentum, bn_epsilon=cfg.bn_epsilon)
     return LTS(
         visual=DarkNet(
             width_mult=cfg.visual.width_mult,
             stage_blocks=stage_blocks_for_depth(cfg.visual.depth_mult),
             dtype=dtype,
             bn_frozen=cfg.bn_mode == "frozen",
-            **bn,
+            conv_bn=conv_bn,
         ),
         text=TextEncoder(
             vocab_size=cfg.vocab_size,
@@ -159,7 +162,7 @@ def create_model(cfg: ml_collections.ConfigDict, *, text_unroll: int = 1) -> LTS
             dtype=dtype,
             unroll=text_unroll,
         ),
-        fusion=Fusion(dim=cfg.fusion.dim, dtype=dtype, **bn),
+        fusion=Fusion(dim=cfg.fusion.dim, dtype=dtype, conv_bn=conv_bn),
         locate=Locate(
             width=cfg.locate.width,
             num_layers=cfg.locate.num_layers,
@@ -168,7 +171,7 @@ def create_model(cfg: ml_collections.ConfigDict, *, text_unroll: int = 1) -> LTS
             dropout=cfg.locate.dropout,
             stride=cfg.locate.stride,
             dtype=dtype,
-            **bn,
+            conv_bn=conv_bn,
         ),
         segment=Segment(
             dim=cfg.segment.dim,
@@ -176,7 +179,7 @@ def create_model(cfg: ml_collections.ConfigDict, *, text_unroll: int = 1) -> LTS
             out_stride=cfg.segment.out_stride,
             skip_dim=cfg.segment.skip_dim,
             dtype=dtype,
-            **bn,
+            conv_bn=conv_bn,
         ),
         dtype=dtype,
     )

@@ -16,6 +16,7 @@ boundaries blurred on small objects; the skips give the decoder the edges.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lts_jax.models.darknet import ConvBN
+from lts_jax.models.darknet import ConvBN, ModuleDef
 
 
 def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
@@ -47,8 +48,7 @@ class Segment(nn.Module):
     out_stride: int = 4
     skip_dim: int = 0
     dtype: Any = jnp.float32
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
+    conv_bn: ModuleDef = ConvBN  # e.g. partial(ConvBN, bn_momentum=..., bn_epsilon=...)
 
     def __post_init__(self) -> None:
         # At construction, so create_model fails before any tracing, with the config's names.
@@ -73,15 +73,13 @@ class Segment(nn.Module):
         train: bool,
         skips: Mapping[int, jax.Array] | None = None,
     ) -> jax.Array:
-        kw = dict(
-            act="relu", dtype=self.dtype, bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon
-        )
+        conv_bn = functools.partial(self.conv_bn, act="relu", dtype=self.dtype)
         b, h, w, _ = fused.shape
         prior = jax.nn.sigmoid(prior_logits.astype(jnp.float32))[..., None]
         prior = resize_bilinear(prior, h, w).astype(self.dtype)
         x = jnp.concatenate([fused.astype(self.dtype), prior], axis=-1)
         for i in range(self.num_convs):
-            x = ConvBN(self.dim, 3, name=f"conv{i}", **kw)(x, use_running_average=not train)
+            x = conv_bn(self.dim, 3, name=f"conv{i}")(x, use_running_average=not train)
         stride, width = 8, self.dim
         while stride > self.out_stride:
             stride, width, h, w = stride // 2, max(1, width // 2), 2 * h, 2 * w
@@ -89,12 +87,12 @@ class Segment(nn.Module):
             if self.skip_dim > 0:
                 if skips is None or stride not in skips:
                     raise ValueError(f"segment skip_dim > 0 needs the stride-{stride} feature")
-                skip = ConvBN(self.skip_dim, 1, name=f"skip_s{stride}", **kw)(
+                skip = conv_bn(self.skip_dim, 1, name=f"skip_s{stride}")(
                     skips[stride].astype(self.dtype), use_running_average=not train
                 )
                 x = jnp.concatenate([x, skip], axis=-1)
             # The stride-4 block keeps its original name, so paper-setting checkpoints load.
             name = "conv_up" if stride == 4 else f"conv_up_s{stride}"
-            x = ConvBN(width, 3, name=name, **kw)(x, use_running_average=not train)
+            x = conv_bn(width, 3, name=name)(x, use_running_average=not train)
         logits = nn.Conv(1, (1, 1), dtype=self.dtype, name="head")(x)
         return logits[..., 0]
