@@ -21,7 +21,6 @@ from typing import Any
 import grain
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
@@ -189,7 +188,3 @@ def load_for_inference(
         store.close()
     return config, variables, int(step)
 
-
-def to_host(tree: Any) -> Any:
-    """A pytree of (fully addressable) jax arrays as numpy arrays."""
-    return jax.tree.map(np.asarray, tree)

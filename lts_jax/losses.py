@@ -11,9 +11,8 @@ its minimum is the targets' entropy rather than 0 on boundary cells.
 - dice loss: 1 - soft Dice(sigmoid(mask logits), pooled mask), smoothing 1
 total = mask + prior_weight * prior + dice_weight * dice
 
-Each loss is a per-example pixel mean, then averaged over examples weighted by
-``valid`` (padding examples get weight 0 and contribute nothing; if no example
-is valid every loss is 0).
+Each loss is a per-example pixel mean, then averaged over the batch (training
+batches have no padding rows, so every example counts).
 """
 
 from __future__ import annotations
@@ -48,10 +47,6 @@ def dice_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return 1.0 - (2.0 * inter + DICE_SMOOTH) / (p.sum(-1) + t.sum(-1) + DICE_SMOOTH)
 
 
-def _weighted_mean(per_example: jax.Array, weights: jax.Array) -> jax.Array:
-    return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
 def lts_loss(
     mask_logits: jax.Array,
     prior_logits: jax.Array,
@@ -59,22 +54,14 @@ def lts_loss(
     *,
     prior_weight: float = 1.0,
     dice_weight: float = 0.0,
-    valid: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total loss and its parts {'mask_loss', 'prior_loss', 'dice_loss'} (float32 scalars).
 
     mask_logits f[B, S/o, S/o], prior_logits f[B, S/p, S/p], gt_mask f[B, S, S] in
-    {0, 1}; valid bool/float[B] (default: all valid). The Dice term is reported
-    even when ``dice_weight`` is 0.
+    {0, 1}. The Dice term is reported even when ``dice_weight`` is 0.
     """
-    b = gt_mask.shape[0]
-    weights = jnp.ones((b,), jnp.float32) if valid is None else valid.astype(jnp.float32)
-    # Padding rows may hold garbage (even NaN) logits; select them away rather
-    # than multiply, since NaN * 0 is NaN.
-    keep = weights > 0
-    mask_logits = jnp.where(keep[:, None, None], mask_logits.astype(jnp.float32), 0.0)
-    prior_logits = jnp.where(keep[:, None, None], prior_logits.astype(jnp.float32), 0.0)
-
+    mask_logits = mask_logits.astype(jnp.float32)
+    prior_logits = prior_logits.astype(jnp.float32)
     mask_t = pool_mask(gt_mask, *mask_logits.shape[1:])
     prior_t = pool_mask(gt_mask, *prior_logits.shape[1:])
     mask_l = binary_cross_entropy(mask_logits, mask_t).mean(axis=(1, 2))
@@ -82,9 +69,9 @@ def lts_loss(
     dice_l = dice_loss(mask_logits, mask_t)
 
     parts = {
-        "mask_loss": _weighted_mean(mask_l, weights),
-        "prior_loss": _weighted_mean(prior_l, weights),
-        "dice_loss": _weighted_mean(dice_l, weights),
+        "mask_loss": jnp.mean(mask_l),
+        "prior_loss": jnp.mean(prior_l),
+        "dice_loss": jnp.mean(dice_l),
     }
     total = (
         parts["mask_loss"] + prior_weight * parts["prior_loss"] + dice_weight * parts["dice_loss"]

@@ -41,10 +41,6 @@ class PreemptionWatcher:
         del signum, frame
         self._requested = True
 
-    def request_stop(self) -> None:
-        """Same as receiving SIGTERM (single process)."""
-        self._requested = True
-
     def should_stop(self, step: int) -> bool:
         if self._multiprocess:
             try:

@@ -53,21 +53,6 @@ def test_lts_loss_hand_computed() -> None:
                                rtol=1e-6)
 
 
-def test_valid_weight_drops_padding_even_if_nan() -> None:
-    mask_logits, prior_logits, gt = _example()
-    ref_total, _ = lts_loss(mask_logits, prior_logits, gt, prior_weight=1.0, dice_weight=1.0)
-    pad_mask = jnp.concatenate([mask_logits, jnp.full_like(mask_logits, jnp.nan)])
-    pad_prior = jnp.concatenate([prior_logits, jnp.full_like(prior_logits, 7.0)])
-    pad_gt = jnp.concatenate([gt, jnp.ones_like(gt)])
-    total, parts = lts_loss(pad_mask, pad_prior, pad_gt, prior_weight=1.0, dice_weight=1.0,
-                            valid=jnp.array([True, False]))
-    np.testing.assert_allclose(float(total), float(ref_total), rtol=1e-6)
-    none_total, none_parts = lts_loss(pad_mask, pad_prior, pad_gt, prior_weight=1.0,
-                                      dice_weight=1.0, valid=jnp.array([False, False]))
-    assert float(none_total) == 0.0 and all(float(v) == 0.0 for v in none_parts.values())
-    assert all(np.isfinite(float(v)) for v in parts.values())
-
-
 def test_losses_are_float32_for_bfloat16_logits() -> None:
     mask_logits, prior_logits, gt = _example()
     total, parts = lts_loss(mask_logits.astype(jnp.bfloat16), prior_logits.astype(jnp.bfloat16),
