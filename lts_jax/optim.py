@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-BACKBONE_COLLECTION = "visual"
+BACKBONE_SUBTREE = "visual"
 
 
 def learning_rate_schedule(
@@ -55,7 +55,7 @@ def _decay_mask(params: Any) -> Any:
 
 def _backbone_labels(params: Any) -> dict[str, Any]:
     return {
-        name: jax.tree.map(lambda _, n=name: "backbone" if n == BACKBONE_COLLECTION else "head",
+        name: jax.tree.map(lambda _, n=name: "backbone" if n == BACKBONE_SUBTREE else "head",
                            subtree)
         for name, subtree in params.items()
     }
@@ -67,7 +67,7 @@ def create_optimizer(
     """The optax transformation for ``config.optim`` and the schedule it follows (for logging).
 
     ``params`` given to ``init`` must be a mapping whose top-level keys are the model's
-    collections ('visual', 'text', ...).
+    subtrees of params ('visual', 'text', ...).
     """
     schedule = learning_rate_schedule(optim, num_train_steps)
     weight_decay = float(optim.weight_decay)
