@@ -42,6 +42,11 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python bench/build_dataset.py`
+    sys.path.insert(0, str(ROOT))
+
+from tfds_refcoco import masks  # noqa: E402
+
 CONFIG = "refcoco_unc"
 # refs split value -> (objects, expressions, images), published refcoco_unc sizes.
 PUBLISHED: dict[str, tuple[int, int, int]] = {
@@ -185,11 +190,13 @@ def photo_jpeg(seed: int, width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-def _polygon(rng: np.random.Generator, width: int, height: int) -> list[float]:
+def _polygon(
+    rng: np.random.Generator, width: int, height: int, border: bool = True
+) -> list[float]:
     """A star-shaped polygon of 8-40 vertices; ~5% of them cross the image border."""
     r = rng.uniform(15, min(width, height) / 3)
     cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
-    if rng.random() < 0.05:
+    if rng.random() < 0.05 and border:
         cx = rng.choice([rng.uniform(-r / 2, r / 2), width + rng.uniform(-r / 2, r / 2)])
     n = int(rng.integers(8, 41))
     angles = np.sort(rng.uniform(0, 2 * np.pi, n))
@@ -200,6 +207,9 @@ def _polygon(rng: np.random.Generator, width: int, height: int) -> list[float]:
 
 def _annotation(ann_id: int, image_id: int, rng: np.random.Generator, w: int, h: int) -> dict:
     parts = [_polygon(rng, w, h) for _ in range(2 if rng.random() < 0.1 else 1)]
+    if masks.mask_area(parts, h, w) == 0:  # all outside the image: redraw it inside, from
+        # its own generator, so the shared stream (image ids, sizes) stays as it was
+        parts = [_polygon(np.random.default_rng(ann_id), w, h, border=False)]
     pts = np.concatenate([np.reshape(p, (-1, 2)) for p in parts])
     lo = np.clip(pts.min(axis=0), 0, [w, h])
     hi = np.clip(pts.max(axis=0), 0, [w, h])

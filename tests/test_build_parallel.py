@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import refer_fixture as rf
 
-from tfds_refcoco import build_lock, builder, records, refer, validate, workers
+from tfds_refcoco import build_lock, builder, records, refer, tf_free_shuffle, validate, workers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "refcoco_unc"
@@ -178,3 +178,20 @@ def test_bench_generator_writes_what_it_promises(tmp_path):
     sizes_kb = [p.stat().st_size / 1024 for p in (tmp_path / "train2014").iterdir()]
     assert 80 < sum(sizes_kb) / len(sizes_kb) < 200  # COCO-like JPEG sizes
     assert validate.find_problems(by_split) == []
+
+
+# --- splits over TFDS's in-memory shuffle limit -------------------------------------------
+
+
+def test_split_larger_than_the_shuffle_buffer_builds_without_tensorflow(raw, tmp_path,
+                                                                        monkeypatch):
+    from tensorflow_datasets.core import shuffle
+
+    in_memory = records.prepare(CONFIG, tmp_path / "memory", raw.root, num_workers=1)
+    # Real RefCOCO: ~6 GB of train examples against TFDS's 1 GB buffer. Here: 1 KB.
+    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1000)
+    spilled = records.prepare(CONFIG, tmp_path / "spilled", raw.root, num_workers=1)
+    assert spilled == in_memory
+    assert _record_files(tmp_path / "spilled") == _record_files(tmp_path / "memory")
+    assert "tensorflow" not in sys.modules
+    assert shuffle.tf is not tf_free_shuffle._LOCAL_GFILE  # only in place during a build

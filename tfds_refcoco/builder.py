@@ -85,7 +85,15 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from tfds_refcoco import build_lock, combined, masks, refer, validate, workers
+from tfds_refcoco import (
+    build_lock,
+    combined,
+    masks,
+    refer,
+    tf_free_shuffle,
+    validate,
+    workers,
+)
 
 BUILDER_NAME = "refcoco_masks"
 REFSHAPES_RAW_DIR = "downloads/refshapes_raw"  # relative to data_dir
@@ -270,7 +278,9 @@ RefShapes needs no download: without --manual_dir it is generated under <data_di
         self._counts, self._skipped, self._latin1 = {}, [], []
         # The pool lives exactly as long as the build: closed (workers joined) however
         # this ends, so an error never leaves processes behind.
-        with workers.OrderedPool(self._num_workers) as pool:
+        # tf_free_shuffle: a split over 1 GB is shuffled through files TFDS opens with
+        # tf.io.gfile; without TensorFlow that needs the stand-in.
+        with workers.OrderedPool(self._num_workers) as pool, tf_free_shuffle.local_buckets():
             self._pool = pool
             try:
                 super()._download_and_prepare(dl_manager, download_config)
