@@ -4,37 +4,38 @@
         --expression "the cup on the left" --expression "the red mug" --out predictions/
 
 Writes <stem>_<index>_<slug>_{mask,overlay,prior}.png into --out for every expression, at
-the image's original size (the mask is 0/255). All expressions run in one batch.
+the image's original size (the mask is 0/255). All expressions run in one batch, on one device.
 """
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from lts_jax.predict import predict_to_files
+from lts_jax import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
+cli.define_flags(config=None, multiprocess=False,
+                 workdir_help="Training workdir holding checkpoints/ and config.json.")
 flags.DEFINE_string("image", None, "Image file (any format Pillow reads).")
 flags.DEFINE_multi_string("expression", None, "Referring expression; repeat for several.")
 flags.DEFINE_string("out", None, "Output directory (created if missing).")
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint to use.")
 flags.DEFINE_string("data_dir", None,
                     "Where the tokenizer lives, if not the data_dir recorded at training.")
-flags.mark_flags_as_required(["workdir", "image", "expression", "out"])
+flags.mark_flags_as_required(["image", "expression", "out"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO
+    cli.start(argv)
+    from lts_jax.predictor import predict_to_files
+
     try:
         written = predict_to_files(
             FLAGS.workdir, FLAGS.image, FLAGS.expression, FLAGS.out,
             which=FLAGS.checkpoint, data_dir=FLAGS.data_dir,
         )
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"predict.py: error: {err}") from err
+        cli.fail(err)
     for expression, paths in zip(FLAGS.expression, written, strict=True):
         print(f"{expression!r}: " + ", ".join(str(p) for p in paths.values()))
 

@@ -1,9 +1,9 @@
 """Train-step throughput: step time, images/s and model FLOP utilisation (MFU) of one config.
 
 Builds the model, optimiser and jitted, data-parallel train step exactly as ``train.py`` does
-(``resolve_config``, ``create_model``, ``create_optimizer``, ``init_train_state``,
-``make_train_step``, the LTS loss) on every device JAX finds, and times it on a synthetic
-random batch that is already on the devices (no dataset, no host->device copy in the timing).
+(``lts_jax.train_setup``: ``resolve_config``, ``create_train_setup``) on every device JAX
+finds, and times it on a synthetic random batch that is already on the devices (no dataset,
+no host->device copy in the timing).
 
 Examples:
   python bench/train_step.py --config configs/refshapes.py --steps 10
@@ -61,11 +61,9 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lts_jax.mesh import make_mesh, replicate, shard_batch  # noqa: E402
-from lts_jax.models.model import create_model  # noqa: E402
-from lts_jax.optim import create_optimizer  # noqa: E402
-from lts_jax.train import make_loss_fn, resolve_config  # noqa: E402
-from lts_jax.train_step import LossFn, init_train_state, make_train_step  # noqa: E402
+from lts_jax.mesh import make_mesh, shard_batch  # noqa: E402
+from lts_jax.train_setup import create_train_setup, resolve_config  # noqa: E402
+from lts_jax.train_step import LossFn, make_train_step  # noqa: E402
 from lts_jax.transform import packed_width, train_inputs_fn  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -196,22 +194,13 @@ def run_benchmark(
     if batch_size % num_devices or batch_size % jax.process_count():
         raise ValueError(f"batch_size={batch_size} must be divisible by {num_devices} devices")
 
-    mesh = make_mesh()
-    model = create_model(config.model)
-    tx, lr_schedule = create_optimizer(config.optim, int(config.num_train_steps))
-    loss_fn = make_loss_fn(config.loss)
-    inputs_fn = train_inputs_fn(int(config.data.image_size))
-    train_step = make_train_step(model, tx, loss_fn, lr_schedule, mesh, inputs_fn)
-    init_rng, dropout_rng = jax.random.split(jax.random.key(int(config.seed)))
-    dropout_rng = replicate(dropout_rng, mesh)
-    state = init_train_state(
-        model, tx, init_rng, mesh=mesh, image_size=int(config.data.image_size),
-        max_text_len=int(config.data.max_text_len),
-    )
+    setup = create_train_setup(config, make_mesh())
+    train_step, dropout_rng = setup.train_step, setup.dropout_rng
+    state = setup.init_state()
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
     # This process's rows of the global batch, put on the devices before anything is timed.
     local = synthetic_batch(config, batch_size // jax.process_count(), seed=jax.process_index())
-    batch = jax.block_until_ready(shard_batch(local, mesh))
+    batch = jax.block_until_ready(shard_batch(local, setup.mesh))
 
     t0 = time.perf_counter()
     lowered = train_step.lower(state, batch, dropout_rng)
@@ -222,7 +211,8 @@ def run_benchmark(
     flops_per_step, flops_source = flops_of(lowered), "lowered"
     if not flops_per_step > 0:  # NaN: not available on this backend
         flops_per_step, flops_source = flops_lowered_on_cpu(
-            model, tx, loss_fn, lr_schedule, (state, batch, dropout_rng), inputs_fn
+            setup.model, setup.tx, setup.loss_fn, setup.lr_schedule, (state, batch, dropout_rng),
+            setup.inputs_fn,
         ), "lowered for CPU"
     compiled_flops_per_step = flops_of(compiled) * num_devices
 

@@ -1,9 +1,9 @@
-"""Evaluation of one split: jitted forward over the mesh, metrics at the original resolution.
+"""The Evaluator: a jitted forward over the mesh, metrics at the original resolution.
 
 Per batch the device letterboxes the uint8 canvases (``transform.eval_inputs``), runs the model
 and upsamples the [S/o, S/o] mask logits
 (o = ``segment.out_stride``) bilinearly to S x S (static shapes, so one compilation
-per model/mesh/batch shape). The host then maps every valid example back to its
+per ``Evaluator`` and batch shape). The host then maps every valid example back to its
 original H x W (``letterbox.unletterbox``: crop the padding, bilinear resize),
 thresholds it (``metrics.binarize``) and counts intersection and union against
 ``orig_mask[:H, :W]``. The next batch is dispatched before the host work on the
@@ -45,33 +45,6 @@ def upsample_square(maps: jax.Array, size: int) -> jax.Array:
     """[B, h, w] -> float32 [B, size, size], bilinear with half-pixel centres."""
     maps = maps.astype(jnp.float32)
     return jax.image.resize(maps, (maps.shape[0], size, size), method="bilinear")
-
-
-# Jitted forwards keyed by object identity: linen modules holding a ConfigDict are not
-# hashable, and a fresh jax.jit per call would recompile on every validation run.
-_FORWARD_CACHE: dict[tuple[int, int, int], tuple[nn.Module, Mesh, ForwardFn]] = {}
-_FORWARD_CACHE_SIZE = 4
-
-
-def eval_forward(model: nn.Module, mesh: Mesh, image_size: int) -> ForwardFn:
-    """Cached jitted ``(variables, inputs) -> mask logits f32[B, S, S]``, batch-sharded."""
-    key = (id(model), id(mesh), int(image_size))
-    hit = _FORWARD_CACHE.get(key)
-    if hit is not None and hit[0] is model and hit[1] is mesh:
-        return hit[2]
-
-    def forward(variables: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
-        inputs = eval_inputs(batch, image_size)
-        mask_logits, _ = model.apply(
-            variables, inputs["image"], inputs["tokens"], inputs["token_mask"], train=False
-        )
-        return upsample_square(mask_logits, image_size)
-
-    fn = jax.jit(forward, out_shardings=batch_sharding(mesh))
-    if len(_FORWARD_CACHE) >= _FORWARD_CACHE_SIZE:
-        _FORWARD_CACHE.pop(next(iter(_FORWARD_CACHE)))
-    _FORWARD_CACHE[key] = (model, mesh, fn)
-    return fn
 
 
 def local_rows(array: jax.Array, mesh: Mesh) -> np.ndarray:
@@ -146,95 +119,104 @@ def batch_sums(
     )
 
 
-def evaluate_batches(
-    batches: Iterable[Mapping[str, np.ndarray]],
-    forward: ForwardFn,
-    variables: Any,
-    mesh: Mesh,
-    *,
-    threshold: float,
-    empty_union_iou: float,
-    shuffle_rng: np.random.Generator | None = None,
-) -> metrics.MetricSums:
-    """This process's metric sums over host-local eval batches (not yet combined)."""
-    total = metrics.MetricSums()
-    pending: tuple[jax.Array, Mapping[str, np.ndarray]] | None = None
+class Evaluator:
+    """Evaluation of one model on one mesh under one config, as big_vision's evaluators.
 
-    def finish(logits: jax.Array, batch: Mapping[str, np.ndarray]) -> metrics.MetricSums:
-        return batch_sums(local_rows(logits, mesh), batch, threshold=threshold,
-                          empty_union_iou=empty_union_iou, pool=pool)
+    It owns the jitted forward (compiled once per batch shape and reused at every validation)
+    and this process's eval loaders, one per split, built on first use (an ``EvalLoader`` is
+    re-iterable). ``sums`` returns exact integer/float sums combined over all hosts;
+    ``evaluate`` turns them into the metrics. ``tokenizer`` may be None when only
+    ``local_sums`` over given batches is used.
+    """
 
-    with ThreadPoolExecutor(HOST_THREADS) as pool:
-        for batch in batches:
-            if shuffle_rng is not None:
-                batch = shuffle_expressions(batch, shuffle_rng)
-            # Dispatch is asynchronous: the device computes this batch while the host
-            # post-processes the previous one.
-            logits = forward(variables, shard_batch({k: batch[k] for k in MODEL_INPUTS}, mesh))
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        model: nn.Module,
+        mesh: Mesh,
+        tokenizer: Any = None,
+    ) -> None:
+        self.config, self.model, self.mesh, self.tokenizer = config, model, mesh, tokenizer
+        self.image_size = int(config.data.image_size)
+        self.threshold = float(config.threshold)
+        self.empty_union_iou = float(config.empty_union_iou)
+        # ``(variables, batch) -> mask logits f32[B, S, S]``, batch-sharded.
+        self.forward: ForwardFn = jax.jit(self._forward, out_shardings=batch_sharding(mesh))
+        self._loaders: dict[tuple[str, int, int], Any] = {}
+
+    def _forward(self, variables: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+        inputs = eval_inputs(batch, self.image_size)
+        mask_logits, _ = self.model.apply(
+            variables, inputs["image"], inputs["tokens"], inputs["token_mask"], train=False
+        )
+        return upsample_square(mask_logits, self.image_size)
+
+    def loader(
+        self, split: str, *, process_index: int | None = None, process_count: int | None = None
+    ) -> Any:
+        """This process's eval batches of ``split`` (another process's, to simulate hosts)."""
+        from lts_jax import input_pipeline  # deferred: the pipeline pulls in TFDS/grain
+
+        index = jax.process_index() if process_index is None else process_index
+        count = jax.process_count() if process_count is None else process_count
+        key = (split, index, count)
+        if key not in self._loaders:
+            self._loaders[key] = input_pipeline.create_eval_loader(
+                self.config, split, self.tokenizer, process_index=index, process_count=count
+            )
+        return self._loaders[key]
+
+    def local_sums(
+        self,
+        variables: Any,
+        batches: Iterable[Mapping[str, np.ndarray]],
+        *,
+        shuffle_rng: np.random.Generator | None = None,
+    ) -> metrics.MetricSums:
+        """This process's metric sums over host-local eval batches (not yet combined)."""
+        total = metrics.MetricSums()
+        pending: tuple[jax.Array, Mapping[str, np.ndarray]] | None = None
+        with ThreadPoolExecutor(HOST_THREADS) as pool:
+            for batch in batches:
+                if shuffle_rng is not None:
+                    batch = shuffle_expressions(batch, shuffle_rng)
+                # Dispatch is asynchronous: the device computes this batch while the host
+                # post-processes the previous one.
+                inputs = shard_batch({k: batch[k] for k in MODEL_INPUTS}, self.mesh)
+                logits = self.forward(variables, inputs)
+                if pending is not None:
+                    total = total + self._host_sums(*pending, pool)
+                pending = (logits, batch)
             if pending is not None:
-                total = total + finish(*pending)
-            pending = (logits, batch)
-        if pending is not None:
-            total = total + finish(*pending)
-    return total
+                total = total + self._host_sums(*pending, pool)
+        return total
+
+    def _host_sums(
+        self, logits: jax.Array, batch: Mapping[str, np.ndarray], pool: Executor
+    ) -> metrics.MetricSums:
+        return batch_sums(local_rows(logits, self.mesh), batch, threshold=self.threshold,
+                          empty_union_iou=self.empty_union_iou, pool=pool)
+
+    def sums(
+        self, variables: Any, split: str, *, shuffle_expressions: bool = False
+    ) -> metrics.MetricSums:
+        """Global (all-host) metric sums over every (object, expression) pair of ``split``."""
+        rng = None
+        if shuffle_expressions:  # seeded per split and host: a shuffled run is reproducible
+            seed = [int(self.config.seed), jax.process_index(), zlib.crc32(split.encode())]
+            rng = np.random.default_rng(seed)
+        local = self.local_sums(replicate(variables, self.mesh), self.loader(split),
+                                shuffle_rng=rng)
+        return metrics.allgather_sums(local)
+
+    def evaluate(
+        self, variables: Any, split: str, *, shuffle_expressions: bool = False
+    ) -> dict[str, float]:
+        """Metrics of one split: 'mIoU', 'oIoU', 'prec@0.5'..'prec@0.9' in [0, 1] and 'pairs'."""
+        sums = self.sums(variables, split, shuffle_expressions=shuffle_expressions)
+        return metrics.finalize(sums, empty_union_iou=self.empty_union_iou)
 
 
-def evaluate_split_sums(
-    config: ml_collections.ConfigDict,
-    model: nn.Module,
-    variables: Any,
-    split: str,
-    tokenizer: Any,
-    mesh: Mesh,
-    *,
-    shuffle_expressions: bool = False,
-    process_index: int | None = None,
-    process_count: int | None = None,
-) -> metrics.MetricSums:
-    """Global (all-host) metric sums over every (object, expression) pair of ``split``."""
-    from lts_jax import input_pipeline  # deferred: the pipeline pulls in TFDS/grain
-
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-    loader = input_pipeline.create_eval_loader(
-        config, split, tokenizer, process_index=process_index, process_count=process_count
-    )
-    # Seeded per split and host so a shuffled evaluation is reproducible.
-    rng = (
-        np.random.default_rng([int(config.seed), process_index, zlib.crc32(split.encode())])
-        if shuffle_expressions
-        else None
-    )
-    forward = eval_forward(model, mesh, int(config.data.image_size))
-    local = evaluate_batches(
-        loader,
-        forward,
-        replicate(variables, mesh),
-        mesh,
-        threshold=float(config.threshold),
-        empty_union_iou=float(config.empty_union_iou),
-        shuffle_rng=rng,
-    )
-    return metrics.allgather_sums(local)
-
-
-def evaluate_split(
-    config: ml_collections.ConfigDict,
-    model: nn.Module,
-    variables: Any,
-    split: str,
-    tokenizer: Any,
-    mesh: Mesh,
-    *,
-    shuffle_expressions: bool = False,
-    process_index: int | None = None,
-    process_count: int | None = None,
-) -> dict[str, float]:
-    """Metrics of one split: 'mIoU', 'oIoU', 'prec@0.5'..'prec@0.9' in [0, 1] and 'pairs'."""
-    sums = evaluate_split_sums(
-        config, model, variables, split, tokenizer, mesh,
-        shuffle_expressions=shuffle_expressions,
-        process_index=process_index, process_count=process_count,
-    )
-    return metrics.finalize(sums, empty_union_iou=float(config.empty_union_iou))
-
+def split_names(splits: str) -> list[str]:
+    """'validation, testA,,testB' -> ['validation', 'testA', 'testB']."""
+    return [s.strip() for s in str(splits).split(",") if s.strip()]

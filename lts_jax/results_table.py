@@ -106,6 +106,22 @@ def results_json(results: Sequence[SplitResult], metadata: Mapping[str, Any]) ->
     }
 
 
+def run_metadata(
+    config: Any, workdir: str | Path, step: int, checkpoint: str
+) -> dict[str, Any]:
+    """What train.py and eval.py record beside their results: the run, which checkpoint
+    ('best' or 'latest') at which step, and the settings the numbers depend on."""
+    return {
+        "workdir": str(workdir),
+        "checkpoint": checkpoint,
+        "checkpoint_step": int(step),
+        "dataset": str(config.data.dataset),
+        "threshold": float(config.threshold),
+        "empty_union_iou": float(config.empty_union_iou),
+        "image_size": int(config.data.image_size),
+    }
+
+
 def write_results(
     out_dir: str | Path, results: Sequence[SplitResult], metadata: Mapping[str, Any]
 ) -> dict[str, Path]:

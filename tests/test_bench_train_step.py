@@ -18,7 +18,7 @@ from bench.train_step import (
 )
 from lts_jax.models.model import create_model
 from lts_jax.optim import create_optimizer
-from lts_jax.train import make_loss_fn, resolve_config
+from lts_jax.train_setup import make_loss_fn, resolve_config
 from lts_jax.train_step import abstract_train_state
 from lts_jax.transform import train_inputs_fn
 

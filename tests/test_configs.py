@@ -10,7 +10,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from lts_jax.train import resolve_config, resolve_dtype
+from lts_jax.train_setup import resolve_config, resolve_dtype
 from lts_jax.workdir_config import ConfigMismatchError, check_resumable, write_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

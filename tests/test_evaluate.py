@@ -155,6 +155,12 @@ def _reference_sums(model, variables, batches, threshold=0.5):
     return total
 
 
+def _toy_config() -> ml_collections.ConfigDict:
+    """The fields an Evaluator reads, for the stand-in model."""
+    return ml_collections.ConfigDict(
+        {"seed": 0, "threshold": 0.5, "empty_union_iou": 0.0, "data": {"image_size": S}})
+
+
 def test_evaluate_batches_matches_reference_and_simulated_hosts():
     rng = np.random.default_rng(3)
     batches = [_host_batch(rng, 8, [True] * 8), _host_batch(rng, 8, [True] * 5 + [False] * 3)]
@@ -162,10 +168,10 @@ def test_evaluate_batches_matches_reference_and_simulated_hosts():
     variables = model.init(jax.random.key(0), jnp.zeros((8, S, S, 3)), batches[0]["tokens"],
                            batches[0]["token_mask"], train=False)
     mesh = make_mesh()
-    forward = evaluate.eval_forward(model, mesh, S)
-    assert evaluate.eval_forward(model, mesh, S) is forward  # cached, no re-jit
-    sums = evaluate.evaluate_batches(batches, forward, replicate(variables, mesh), mesh,
-                                     threshold=0.5, empty_union_iou=0.0)
+    evaluator = evaluate.Evaluator(_toy_config(), model, mesh)
+    forward = evaluator.forward
+    assert evaluator.forward is forward  # cached, no re-jit
+    sums = evaluator.local_sums(replicate(variables, mesh), batches)
     reference = _reference_sums(model, variables, batches)
     assert sums.pairs == 13
     assert (sums.intersection, sums.union, sums.hits) == (
@@ -173,17 +179,15 @@ def test_evaluate_batches_matches_reference_and_simulated_hosts():
     assert sums.iou_sum == pytest.approx(reference.iou_sum, rel=1e-12)
     # Two "hosts" each see half of every batch; their sums add up to the single-host ones.
     halves = [[{k: v[h * 4 : h * 4 + 4] for k, v in b.items()} for b in batches] for h in (0, 1)]
-    parts = [evaluate.evaluate_batches(hb, forward, variables, mesh, threshold=0.5,
-                                       empty_union_iou=0.0) for hb in halves]
+    parts = [evaluator.local_sums(variables, hb) for hb in halves]
     combined = metrics.sum_over(parts)
     assert (combined.intersection, combined.union, combined.pairs, combined.hits) == (
         sums.intersection, sums.union, sums.pairs, sums.hits)
     assert metrics.finalize(combined) == pytest.approx(metrics.finalize(sums), rel=1e-12)
     compiled = forward._cache_size()
     # Shuffled expressions change the result here (the offset depends on the tokens).
-    shuffled = evaluate.evaluate_batches(batches, forward, replicate(variables, mesh), mesh,
-                                         threshold=0.5, empty_union_iou=0.0,
-                                         shuffle_rng=np.random.default_rng(0))
+    shuffled = evaluator.local_sums(replicate(variables, mesh), batches,
+                                    shuffle_rng=np.random.default_rng(0))
     assert shuffled.pairs == sums.pairs and shuffled != sums
     # The same batch shapes again did not compile again.
     assert forward._cache_size() == compiled
@@ -191,13 +195,13 @@ def test_evaluate_batches_matches_reference_and_simulated_hosts():
 
 def test_eval_forward_cache_distinguishes_models():
     mesh = make_mesh()
-    f1 = evaluate.eval_forward(_PoolModel(), mesh, S)
-    f2 = evaluate.eval_forward(_PoolModel(), mesh, S)
+    f1 = evaluate.Evaluator(_toy_config(), _PoolModel(), mesh).forward
+    f2 = evaluate.Evaluator(_toy_config(), _PoolModel(), mesh).forward
     assert f1 is not f2
 
 
 def test_config_fields_used_by_evaluation_exist():
-    # evaluate_split reads these; a typo would only surface in a long run.
+    # The Evaluator reads these; a typo would only surface in a long run.
     from configs.refshapes import get_config
 
     config: ml_collections.ConfigDict = get_config("tiny")
@@ -222,19 +226,20 @@ def test_evaluate_split_end_to_end(tiny_run):
 
     _, config, variables, _ = tiny_run
     model, tokenizer, mesh = create_model(config.model), load_tokenizer(config), make_mesh()
-    result = evaluate.evaluate_split(config, model, variables, EVAL_SPLIT, tokenizer, mesh)
+    evaluator = evaluate.Evaluator(config, model, mesh, tokenizer)
+    result = evaluator.evaluate(variables, EVAL_SPLIT)
     assert set(result) == set(metrics.METRIC_KEYS) | {"pairs"}
     assert result["pairs"] == eval_size(config, EVAL_SPLIT)[1] > 0
     assert all(0.0 <= result[k] <= 1.0 for k in metrics.METRIC_KEYS)
-    forward = evaluate.eval_forward(model, mesh, config.data.image_size)
+    forward = evaluator.forward
     compiled = forward._cache_size()
     # Two simulated hosts, each loading its half of every batch, add up to the same sums;
     # evaluating again (as validation does every eval_every steps) does not recompile.
-    single = evaluate.evaluate_split_sums(config, model, variables, EVAL_SPLIT, tokenizer, mesh)
+    single = evaluator.sums(variables, EVAL_SPLIT)
     assert forward._cache_size() == compiled
     hosts = [
-        evaluate.evaluate_split_sums(config, model, variables, EVAL_SPLIT, tokenizer, mesh,
-                                     process_index=i, process_count=2)
+        evaluator.local_sums(variables, evaluator.loader(EVAL_SPLIT, process_index=i,
+                                                         process_count=2))
         for i in range(2)
     ]
     combined = metrics.sum_over(hosts)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from tiny_workdir import get_tiny_workdir, random_variables
 
-from lts_jax import predict, visualize
+from lts_jax import predictor, visualize
 from lts_jax.models.model import create_model, model_config
 from lts_jax.tokenizer import Tokenizer, train_sentencepiece
 
@@ -19,10 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_slug_and_output_paths(tmp_path):
-    assert predict.slugify("The cup on the LEFT!") == "the-cup-on-the-left"
-    assert predict.slugify("???") == "expr"
-    assert len(predict.slugify("word " * 40)) <= 40
-    paths = predict.output_paths(tmp_path, "/x/photo.v1.jpg", 3, "red mug")
+    assert predictor.slugify("The cup on the LEFT!") == "the-cup-on-the-left"
+    assert predictor.slugify("???") == "expr"
+    assert len(predictor.slugify("word " * 40)) <= 40
+    paths = predictor.output_paths(tmp_path, "/x/photo.v1.jpg", 3, "red mug")
     assert {k: p.name for k, p in paths.items()} == {
         "mask": "photo.v1_03_red-mug_mask.png",
         "overlay": "photo.v1_03_red-mug_overlay.png",
@@ -33,14 +33,14 @@ def test_slug_and_output_paths(tmp_path):
 def test_load_image_errors_name_the_file(tmp_path):
     missing = tmp_path / "nope.jpg"
     with pytest.raises(FileNotFoundError, match="nope.jpg"):
-        predict.load_image(missing)
+        predictor.load_image(missing)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="broken.png"):
-        predict.load_image(broken)
+        predictor.load_image(broken)
     good = tmp_path / "grey.png"
     Image.fromarray(np.full((5, 7), 9, np.uint8)).save(good)
-    img = predict.load_image(good)
+    img = predictor.load_image(good)
     assert img.shape == (5, 7, 3) and img.dtype == np.uint8
 
 
@@ -76,7 +76,7 @@ def tiny_predictor():
     })
     config.model.vocab_size = tokenizer.vocab_size
     variables = random_variables(create_model(config.model), 64, 8)
-    return predict.Predictor(config, variables, tokenizer)
+    return predictor.Predictor(config, variables, tokenizer)
 
 
 def test_predictor_outputs_original_size_and_matches_eval_path(tiny_predictor):
@@ -106,7 +106,7 @@ def test_predictor_rejects_vocab_mismatch(tiny_predictor):
     config = tiny_predictor.config.copy_and_resolve_references()
     config.model.vocab_size += 1
     with pytest.raises(ValueError, match="vocabulary"):
-        predict.Predictor(config, tiny_predictor.variables, tiny_predictor.tokenizer)
+        predictor.Predictor(config, tiny_predictor.variables, tiny_predictor.tokenizer)
 
 
 def _run_cli(*args, cwd=REPO):
@@ -147,7 +147,7 @@ def test_cli_end_to_end_writes_original_size_pngs(tmp_path_factory, tmp_path):
     written = sorted(p.name for p in out.iterdir())
     expected = sorted(
         p.name for i, e in enumerate(expressions)
-        for p in predict.output_paths(out, image_path, i, e).values()
+        for p in predictor.output_paths(out, image_path, i, e).values()
     )
     assert written == expected and len(written) == 6
     assert "my photo_01_big-blue-square-on-the-left_mask.png" in written

@@ -13,8 +13,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lts_jax import input_pipeline
-from lts_jax import train as train_lib
+from lts_jax import input_pipeline, train_setup
+from lts_jax import trainer as train_lib
 from lts_jax.checkpoint import TrainCheckpoints, load_for_inference
 from lts_jax.mesh import make_mesh, replicated, shard_batch
 from lts_jax.metric_writer import read_metrics
@@ -67,7 +67,7 @@ def _toy_run(devices):
     tx, schedule = create_optimizer(optim, 10)
     state = init_train_state(model, tx, jax.random.key(0), image_size=32, max_text_len=5,
                              mesh=mesh)
-    step_fn = make_train_step(model, tx, train_lib.make_loss_fn(loss), schedule, mesh)
+    step_fn = make_train_step(model, tx, train_setup.make_loss_fn(loss), schedule, mesh)
     rng = jax.device_put(jax.random.key(1), replicated(mesh))
     history = []
     for batch in _toy_batches(3):
@@ -129,14 +129,14 @@ def full_run(data_dir, tmp_path_factory):
     """An uninterrupted 4-step run, with the jitted train step kept for inspection."""
     workdir = str(tmp_path_factory.mktemp("full") / "run")
     steps = []
-    make = train_lib.make_train_step
+    make = train_setup.make_train_step
 
     def recording(*args, **kwargs):
         steps.append(make(*args, **kwargs))
         return steps[-1]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_lib, "make_train_step", recording)
+        mp.setattr(train_setup, "make_train_step", recording)
         results = train_lib.train_and_evaluate(tiny_config(data_dir), workdir)
     return workdir, results, steps[0]
 

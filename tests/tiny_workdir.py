@@ -46,7 +46,7 @@ def _build(root: Path) -> Path:
     from lts_jax.checkpoint import TrainCheckpoints
     from lts_jax.models.model import create_model
     from lts_jax.tokenizer import load_tokenizer
-    from lts_jax.train import resolve_config
+    from lts_jax.train_setup import resolve_config
     from lts_jax.workdir_config import write_config
     from tfds_refcoco import records
 

@@ -1,0 +1,135 @@
+"""One config's training pieces, built in one place for ``trainer`` and ``bench/train_step.py``.
+
+``resolve_config`` fills the run-time fields (vocabulary size, compute dtype);
+``create_train_setup`` builds the model, the optimiser, the LTS loss and the jitted,
+data-parallel train step over a mesh, plus the init and dropout keys drawn from
+``config.seed``. The setup then makes a fresh state (optionally with pretrained DarkNet
+weights) or the abstract state a checkpoint restores into.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from lts_jax.checkpoint import abstract_like
+from lts_jax.mesh import replicate, replicated
+from lts_jax.optim import create_optimizer
+from lts_jax.train_step import (
+    LossFn,
+    TrainState,
+    TrainStepFn,
+    abstract_train_state,
+    init_train_state,
+    make_train_step,
+)
+from lts_jax.transform import train_inputs_fn
+
+logger = logging.getLogger(__name__)
+
+ACCELERATOR_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def resolve_dtype(name: str) -> str:
+    """'auto' -> 'bfloat16' on GPU/TPU, 'float32' on CPU; other names pass through."""
+    if name != "auto":
+        return name
+    return "bfloat16" if jax.default_backend() in ACCELERATOR_BACKENDS else "float32"
+
+
+def resolve_config(
+    config: ml_collections.ConfigDict, vocab_size: int | None = None
+) -> ml_collections.ConfigDict:
+    """A copy with run-time fields filled in: model.vocab_size (tokenizer) and model.dtype."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    if vocab_size is not None:
+        config.model.vocab_size = int(vocab_size)
+    config.model.dtype = resolve_dtype(config.model.dtype)
+    return config
+
+
+def make_loss_fn(loss_config: ml_collections.ConfigDict) -> LossFn:
+    """The LTS loss (mask BCE [+ Dice] + weighted position-prior BCE) for the train step."""
+    from lts_jax.losses import lts_loss
+
+    def loss_fn(mask_logits: jax.Array, aux: Mapping[str, jax.Array], batch: Any) -> Any:
+        return lts_loss(
+            mask_logits,
+            aux["prior_logits"],
+            batch["mask"],
+            prior_weight=float(loss_config.prior_weight),
+            dice_weight=float(loss_config.dice_weight),
+        )
+
+    return loss_fn
+
+
+def visual_weights_fn(path: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Host-side hook that puts pretrained DarkNet weights into the 'visual' subtree."""
+    from lts_jax.models.darknet_weights import load_visual_variables, merge_visual_variables
+
+    def apply(variables: dict[str, Any]) -> dict[str, Any]:
+        try:
+            merged = merge_visual_variables(variables, load_visual_variables(path))
+        except ValueError as err:
+            raise ValueError(
+                f"{path}: {err} (check config.model.visual width/depth against the weights file)"
+            ) from None
+        logger.info("Loaded pretrained visual weights from %s", path)
+        return merged
+
+    return apply
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """What training a resolved config needs: model, optimiser, loss, jitted step, keys."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    model: nn.Module
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    loss_fn: LossFn
+    inputs_fn: Callable[..., Any]
+    train_step: TrainStepFn
+    init_rng: jax.Array
+    dropout_rng: jax.Array  # replicated over the mesh
+
+    @property
+    def _sizes(self) -> dict[str, int]:
+        data = self.config.data
+        return {"image_size": int(data.image_size), "max_text_len": int(data.max_text_len)}
+
+    def init_state(self, visual_weights: str = "") -> TrainState:
+        """A fresh replicated state; ``visual_weights``: a DarkNet file for 'visual' ('' = none)."""
+        hook = visual_weights_fn(visual_weights) if visual_weights else None
+        return init_train_state(self.model, self.tx, self.init_rng, mesh=self.mesh,
+                                variables_fn=hook, **self._sizes)
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and (replicated) shardings of the state, to restore a checkpoint."""
+        shapes = abstract_train_state(self.model, self.tx, **self._sizes)
+        return abstract_like(shapes, replicated(self.mesh))
+
+
+def create_train_setup(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainSetup:
+    """Model, optimiser, LTS loss and the jitted train step of a resolved ``config``."""
+    from lts_jax.models.model import create_model
+
+    model = create_model(config.model)
+    tx, lr_schedule = create_optimizer(config.optim, int(config.num_train_steps))
+    loss_fn = make_loss_fn(config.loss)
+    inputs_fn = train_inputs_fn(int(config.data.image_size))
+    train_step = make_train_step(model, tx, loss_fn, lr_schedule, mesh, inputs_fn=inputs_fn)
+    init_rng, dropout_rng = jax.random.split(jax.random.key(int(config.seed)))
+    return TrainSetup(config, mesh, model, tx, lr_schedule, loss_fn, inputs_fn, train_step,
+                      init_rng, replicate(dropout_rng, mesh))

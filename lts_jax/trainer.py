@@ -1,0 +1,298 @@
+"""train_and_evaluate: data preparation, the training loop, checkpoints, evaluation, logging.
+
+Rerunning with the same workdir resumes from its latest checkpoint (state and data iterator),
+so a killed or preempted run continues exactly where it stopped. Host syncs happen only at
+log, eval and checkpoint steps: metrics of the steps in between stay on device until then,
+which is also when they are checked for NaN/Inf (before anything is saved).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from orbax.checkpoint import multihost as orbax_multihost
+
+from lts_jax import results_table
+from lts_jax.checkpoint import TrainCheckpoints, checkpoint_dir
+from lts_jax.evaluate import Evaluator, split_names
+from lts_jax.mesh import make_mesh, shard_batch
+from lts_jax.metric_writer import MetricWriter
+from lts_jax.preemption import PreemptionWatcher
+from lts_jax.progress import ProgressBar
+from lts_jax.train_setup import TrainSetup, create_train_setup, resolve_config
+from lts_jax.train_step import TRAIN_INPUTS, TrainState
+from lts_jax.workdir_config import check_resumable, write_config
+
+logger = logging.getLogger(__name__)
+
+# How long the other processes wait for process 0 to build a dataset (a RefCOCO build from
+# the raw downloads takes tens of minutes).
+PREPARE_TIMEOUT_S = 6 * 3600
+
+Results = dict[str, dict[str, float]]  # {split: {'mIoU', 'oIoU', 'prec@...', 'pairs'}}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/Inf loss or gradient; nothing after the last good save is kept."""
+
+
+def _barrier(name: str, timeout_s: int) -> None:
+    """Waits for every process through the coordination service.
+
+    Not a device collective: on CPU, gloo gives up when processes arrive more than ~30 s apart,
+    which a dataset build easily exceeds.
+    """
+    if jax.process_count() > 1:
+        orbax_multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s) * 1000)
+
+
+def prepare_data(config: ml_collections.ConfigDict) -> Any:
+    """Builds the dataset if needed and returns the tokenizer (process 0 first, then the rest,
+    so hosts sharing a filesystem never build the same files concurrently)."""
+    from lts_jax.tokenizer import load_tokenizer  # deferred: pulls in sentencepiece
+    from tfds_refcoco import records
+
+    num_images = int(config.data.get("refshapes_num_images", 0))
+    extra = {"refshapes_num_images": num_images} if num_images > 0 else {}
+
+    def build() -> Any:
+        records.prepare(
+            config.data.dataset, config.data.data_dir, config.data.manual_dir or None, **extra
+        )
+        return load_tokenizer(config)
+
+    tokenizer = build() if jax.process_index() == 0 else None
+    _barrier("lts_prepare_data", PREPARE_TIMEOUT_S)
+    return tokenizer if tokenizer is not None else build()
+
+
+def _check_run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Batch sizes fit the devices and the workdir holds no other run; records the config."""
+    for name in ("batch_size", "eval_batch_size"):
+        size = int(config[name])
+        if size % jax.device_count():
+            raise ValueError(
+                f"config.{name}={size} must be divisible by the number of devices "
+                f"({jax.device_count()} over {jax.process_count()} process(es))"
+            )
+    check_resumable(workdir, config)
+    if jax.process_index() == 0:
+        write_config(workdir, config)
+
+
+class _PendingMetrics:
+    """Per-step device metrics since the last host sync."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[int, dict[str, jax.Array]]] = []
+
+    def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        self._items.append((step, metrics))
+
+    def flush(self) -> dict[str, float] | None:
+        """Means over the pending steps (learning_rate: the latest), after a finiteness check.
+
+        Raises NonFiniteLossError naming the first bad step.
+        """
+        if not self._items:
+            return None
+        steps = [s for s, _ in self._items]
+        host = jax.device_get([m for _, m in self._items])
+        self._items = []
+        for step, m in zip(steps, host, strict=True):
+            checked = ("loss", "grad_norm", "update_norm")
+            if not all(np.isfinite(m[k]) for k in checked):
+                values = ", ".join(f"{k}={float(m[k])}" for k in checked)
+                raise NonFiniteLossError(f"Non-finite loss at step {step}: {values}")
+        summary = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        summary["learning_rate"] = float(host[-1]["learning_rate"])
+        return summary
+
+
+class _Throughput:
+    """Steps/s over the steps since the last reset, leaving out compilation, evaluation and
+    saving (the loop resets after each)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._start, self._steps = time.perf_counter(), 0
+
+    def count(self) -> None:
+        self._steps += 1
+
+    def take(self) -> float | None:
+        """The rate since the last reset (None if no step counted), then resets."""
+        rate = self._steps / max(time.perf_counter() - self._start, 1e-9) if self._steps else None
+        self.reset()
+        return rate
+
+
+@dataclasses.dataclass
+class _Run:
+    """The open resources one training run writes to, shared by the loop's helpers."""
+
+    config: ml_collections.ConfigDict
+    store: TrainCheckpoints
+    train_iter: Iterator[dict[str, np.ndarray]]
+    writer: MetricWriter
+    bar: ProgressBar
+    evaluator: Evaluator
+    pending: _PendingMetrics = dataclasses.field(default_factory=_PendingMetrics)
+    throughput: _Throughput = dataclasses.field(default_factory=_Throughput)
+
+    def flush(self) -> dict[str, float] | None:
+        """The pending metrics' summary; a non-finite loss also names the last good save."""
+        try:
+            return self.pending.flush()
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(
+                f"{err}. Training stopped; the last good checkpoint is step "
+                f"{self.store.latest_step()} in {self.store.directory}."
+            ) from None
+
+
+def _log(run: _Run, step: int) -> None:
+    """Writes the mean train metrics since the last log (and the throughput) at ``step``."""
+    summary = run.flush()
+    rate = run.throughput.take()
+    if rate is not None:
+        summary.update(steps_per_sec=rate, images_per_sec=rate * int(run.config.batch_size))
+    run.writer.write_scalars(step, summary, prefix="train")
+    run.bar.update(step, {"loss": summary["loss"]})
+
+
+def _evaluate(run: _Run, step: int, state: TrainState, splits: list[str]) -> Results:
+    """Metrics of ``splits`` at ``step``, logged; never of a diverged state."""
+    run.flush()
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    results = {}
+    for split in splits:
+        metrics = results[split] = run.evaluator.evaluate(variables, split)
+        run.writer.write_scalars(step, metrics, prefix=split)
+        run.bar.write(f"step {step} {split}: mIoU {metrics['mIoU']:.4f} "
+                      f"oIoU {metrics['oIoU']:.4f} ({int(metrics['pairs'])} pairs)")
+    return results
+
+
+def _save(run: _Run, step: int, state: TrainState, metrics: Mapping[str, float] | None = None
+          ) -> None:
+    """Checkpoints ``step`` (with the first split's metrics, if evaluated) after the check."""
+    run.flush()
+    run.store.save(step, state, data_iterator=run.train_iter,
+                   metrics=dict(metrics) if metrics is not None else None)
+    run.throughput.reset()  # evaluation and saving are not training time
+
+
+def _restore_or_init(setup: TrainSetup, store: TrainCheckpoints, train_iter: Any,
+                     workdir: str) -> tuple[TrainState, int]:
+    """(state, step): the latest checkpoint (moving ``train_iter`` to its position), or a
+    fresh state at step 0."""
+    latest = store.latest_step()
+    if latest is None:
+        return setup.init_state(str(setup.config.init.visual_weights)), 0
+    state = store.restore(latest, setup.abstract_state(), data_iterator=train_iter)
+    logger.info("Resumed from %s at step %d", checkpoint_dir(workdir), latest)
+    return state, int(latest)
+
+
+@contextlib.contextmanager
+def _open_run(config: ml_collections.ConfigDict, workdir: str, setup: TrainSetup,
+              tokenizer: Any) -> Iterator[tuple[_Run, TrainState, int]]:
+    """Opens checkpoints, data, logs and the progress bar; restores or initialises."""
+    from lts_jax.input_pipeline import create_train_loader  # deferred: TFDS/grain
+
+    is_chief = jax.process_index() == 0
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(contextlib.closing(
+            TrainCheckpoints(workdir, keep=int(config.keep_checkpoints))))
+        train_iter = stack.enter_context(contextlib.closing(create_train_loader(
+            config, tokenizer, process_index=jax.process_index(),
+            process_count=jax.process_count(), seed=int(config.seed))))
+        state, start_step = _restore_or_init(setup, store, train_iter, workdir)
+        writer = stack.enter_context(contextlib.closing(MetricWriter(workdir, enabled=is_chief)))
+        bar = stack.enter_context(contextlib.closing(
+            ProgressBar(int(config.num_train_steps), start_step, enabled=is_chief)))
+        evaluator = Evaluator(config, setup.model, setup.mesh, tokenizer)
+        yield _Run(config, store, train_iter, writer, bar, evaluator), state, start_step
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Results:
+    """Trains ``config`` in ``workdir`` (resuming if it holds a run) and evaluates it.
+
+    Returns {split: {'mIoU', 'oIoU', 'prec@...', 'pairs'}} for every eval split at the end
+    of training, or {} when stopped early by SIGTERM (after saving a checkpoint).
+    """
+    tokenizer = prepare_data(config)
+    config = resolve_config(config, tokenizer.vocab_size)
+    _check_run(config, workdir)
+    setup = create_train_setup(config, make_mesh())
+    total_steps, splits = int(config.num_train_steps), split_names(config.data.eval_splits)
+    with (_open_run(config, workdir, setup, tokenizer) as (run, state, start_step),
+          PreemptionWatcher() as watcher):
+        _log_start(state, start_step, total_steps, int(config.batch_size))
+        for step in range(start_step + 1, total_steps + 1):  # ``step``: the one trained now
+            if watcher.should_stop(step - 1):
+                _save(run, step - 1, state)
+                run.bar.write(f"SIGTERM: saved step {step - 1} in {run.store.directory}")
+                return {}
+            batch = next(run.train_iter)
+            batch = shard_batch({k: batch[k] for k in TRAIN_INPUTS}, setup.mesh)
+            state, metrics = setup.train_step(state, batch, setup.dropout_rng)
+            run.pending.add(step, metrics)
+            if step == start_step + 1:  # one sync, so throughput leaves out compilation
+                jax.block_until_ready(metrics)
+                run.throughput.reset()
+            else:
+                run.throughput.count()
+            if step % int(config.log_every) == 0 or step == total_steps:
+                _log(run, step)
+            else:
+                run.bar.update(step)
+            if step < total_steps and step % int(config.eval_every) == 0:
+                _save(run, step, state, _evaluate(run, step, state, splits[:1])[splits[0]])
+            elif step < total_steps and step % int(config.checkpoint_every) == 0:
+                _save(run, step, state)
+        # The end (also of a finished run rerun): every split, saved with the first one's.
+        final_step = max(start_step, total_steps)
+        results = _evaluate(run, final_step, state, splits)
+        if final_step > start_step:
+            _save(run, final_step, state, results[splits[0]])
+        _write_results(config, workdir, final_step, results)
+        return results
+
+
+def _log_start(state: TrainState, start_step: int, total_steps: int, batch_size: int) -> None:
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    logger.info(
+        "%d parameters; %d device(s) over %d process(es); global batch %d; steps %d -> %d",
+        num_params, jax.device_count(), jax.process_count(), batch_size, start_step, total_steps,
+    )
+
+
+def _write_results(config: ml_collections.ConfigDict, workdir: str, step: int,
+                   results: Results) -> None:
+    """eval_results.{md,csv,json} in the workdir (process 0)."""
+    if jax.process_index() == 0:
+        metadata = results_table.run_metadata(config, workdir, step, "latest")
+        results_table.write_results(workdir, _result_rows(config, results), metadata)
+
+
+def final_metrics_table(config: ml_collections.ConfigDict, results: Mapping[str, Any]) -> str:
+    """The Markdown table (percent) of train_and_evaluate's result."""
+    return results_table.format_markdown(_result_rows(config, results))
+
+
+def _result_rows(
+    config: ml_collections.ConfigDict, results: Mapping[str, Mapping[str, float]]
+) -> list[results_table.SplitResult]:
+    return [results_table.SplitResult(config.data.dataset, s, m) for s, m in results.items()]
