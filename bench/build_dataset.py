@@ -32,6 +32,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -311,19 +312,64 @@ def cached_raw(workdir: Path, scale: float, num_workers: int) -> tuple[Path, dic
 # --- measuring the build ------------------------------------------------------------------
 
 
+def _rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0  # gone, or a zombie
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        kids = [int(k) for t in os.listdir(f"/proc/{pid}/task")
+                for k in open(f"/proc/{pid}/task/{t}/children").read().split()]
+    except OSError:
+        return []
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
+class _RssSampler(threading.Thread):
+    """Largest sum of RSS of this process and its workers, sampled every 0.2 s.
+
+    RUSAGE_CHILDREN's maxrss is no use here: a spawned worker inherits its parent's
+    high-water mark at fork, before exec, so it reports the parent's size.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak_kb = self.peak_workers_kb = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.2):
+            workers = sum(_rss_kb(p) for p in _descendants(os.getpid()))
+            self.peak_kb = max(self.peak_kb, _rss_kb(os.getpid()) + workers)
+            self.peak_workers_kb = max(self.peak_workers_kb, workers)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+
 def _build_child(argv: Sequence[str]) -> int:
     """Runs the real CLI in this (child) process and prints its timing and rusage as JSON."""
     from tfds_refcoco import build
 
+    sampler = _RssSampler()
+    sampler.start()
     t0 = time.perf_counter()
     rc = build.main(argv)
     wall = time.perf_counter() - t0
+    sampler.stop()
     me = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # the pool's workers, once joined
     cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
     print("BUILD_STATS " + json.dumps({"rc": rc, "wall_s": wall, "cpu_s": cpu,
                                         "self_maxrss_kb": me.ru_maxrss,
-                                        "children_maxrss_kb": kids.ru_maxrss}))
+                                        "children_maxrss_kb": kids.ru_maxrss,
+                                        "sampled_peak_kb": sampler.peak_kb,
+                                        "sampled_workers_kb": sampler.peak_workers_kb}))
     return rc
 
 
@@ -390,8 +436,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"NO, generated {json.dumps(expected)}")
     print(f"build wall time: {stats['wall_s']:.1f} s  ({objects / stats['wall_s']:.0f} objects/s, "
           f"{stats['cpu_s']:.0f} CPU-s in the build and its workers)")
-    print(f"peak RSS: build process {stats['self_maxrss_kb'] / 1024:.0f} MiB, largest worker "
-          f"{stats['children_maxrss_kb'] / 1024:.0f} MiB")
+    print(f"peak RSS: build process {stats['self_maxrss_kb'] / 1024:.0f} MiB (getrusage "
+          f"SELF); build + workers together {stats['sampled_peak_kb'] / 1024:.0f} MiB, workers "
+          f"{stats['sampled_workers_kb'] / 1024:.0f} MiB (sampled /proc every 0.2 s; getrusage "
+          f"CHILDREN says {stats['children_maxrss_kb'] / 1024:.0f} MiB, but a spawned worker "
+          "inherits its parent's high-water mark)")
     print(f"on disk: {size:,} bytes ({size / 2**30:.2f} GiB) in {data_dir}")
     if not args.keep:
         shutil.rmtree(data_dir, ignore_errors=True)
