@@ -2,7 +2,7 @@
 
 Each dataset file calls ``base_config`` and changes what differs. Field names follow
 docs/CONTRACTS.md. Fields whose value is ``'auto'`` are resolved at run time by
-``lts_jax.train.resolve_config`` (the model compute dtype: bfloat16 on GPU/TPU, float32 on
+``lts_jax.train_setup.resolve_config`` (the model compute dtype: bfloat16 on GPU/TPU, float32 on
 CPU) and the resolved config is what lands in ``workdir/config.json``.
 """
 
