@@ -3,6 +3,7 @@ photometric jitter), and the letterbox round trip of image and mask."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,6 +14,10 @@ from lts_jax.input_pipeline import place_image, place_mask
 from lts_jax.letterbox import letterbox, letterbox_mask, letterbox_params, unletterbox
 
 CANVAS = 64
+# Jitted once per output side (eagerly, every op of the vmapped plan would dispatch alone).
+letterbox_images = jax.jit(transform.letterbox_images, static_argnums=2,
+                           static_argnames="method")
+letterbox_masks = jax.jit(transform.letterbox_masks, static_argnums=2)
 # (H, W, S): downscale, upscale, portrait, square, odd leftovers, degenerate strips, identity.
 SHAPES = [(48, 64, 32), (64, 48, 32), (20, 30, 32), (64, 64, 32), (17, 63, 40), (1, 64, 32),
           (64, 3, 16), (33, 50, 50), (64, 64, 64)]
@@ -31,8 +36,8 @@ def _device(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray,
     h, w = mask.shape
     image_c, mask_c = _canvases(image, mask)
     hw = jnp.asarray([[h, w]], jnp.int32)
-    out_image = transform.letterbox_images(jnp.asarray(image_c[None]), hw, size)
-    out_mask = transform.letterbox_masks(jnp.asarray(mask_c[None]), hw, size)
+    out_image = letterbox_images(jnp.asarray(image_c[None]), hw, size)
+    out_mask = letterbox_masks(jnp.asarray(mask_c[None]), hw, size)
     return np.asarray(out_image[0]), np.asarray(out_mask[0])
 
 
@@ -61,11 +66,11 @@ def test_matmul_and_gather_resampling_agree(h, w, size):
     args = (jnp.asarray(image_c[None]), jnp.asarray([[h, w]], jnp.int32), size)
     flip = jnp.asarray([True])
     for f in (None, flip):
-        gather = transform.letterbox_images(*args, flip=f, method="gather")
-        matmul = transform.letterbox_images(*args, flip=f, method="matmul")
+        gather = letterbox_images(*args, flip=f, method="gather")
+        matmul = letterbox_images(*args, flip=f, method="matmul")
         np.testing.assert_allclose(np.asarray(gather), np.asarray(matmul), atol=1e-5)
     with pytest.raises(ValueError, match="resampling method"):
-        transform.letterbox_images(*args, method="bicubic")
+        letterbox_images(*args, method="bicubic")
 
 
 @pytest.mark.parametrize("h,w,size", [(40, 52, 32), (63, 17, 48)])
@@ -73,8 +78,8 @@ def test_flip_in_the_step_mirrors_the_letterbox(h, w, size):
     image, mask = _example(h, w, seed=4)
     image_c, mask_c = _canvases(image, mask)
     args = (jnp.asarray([[h, w]], jnp.int32), size, jnp.asarray([True]))
-    flipped = transform.letterbox_images(jnp.asarray(image_c[None]), *args)
-    flipped_mask = transform.letterbox_masks(jnp.asarray(mask_c[None]), *args)
+    flipped = letterbox_images(jnp.asarray(image_c[None]), *args)
+    flipped_mask = letterbox_masks(jnp.asarray(mask_c[None]), *args)
     plain, plain_mask = _device(image, mask, size)
     np.testing.assert_allclose(np.asarray(flipped[0]), plain[:, ::-1], atol=1e-6)
     np.testing.assert_array_equal(np.asarray(flipped_mask[0]), plain_mask[:, ::-1])
@@ -87,8 +92,8 @@ def test_canvas_padding_never_leaks_into_the_result(h, w, size):
     outputs = []
     for garbage in (0, 255):
         image_c, mask_c = _canvases(image, mask, garbage=garbage)
-        outputs.append((transform.letterbox_images(jnp.asarray(image_c[None]), hw, size),
-                        transform.letterbox_masks(jnp.asarray(mask_c[None]), hw, size)))
+        outputs.append((letterbox_images(jnp.asarray(image_c[None]), hw, size),
+                        letterbox_masks(jnp.asarray(mask_c[None]), hw, size)))
     np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
     np.testing.assert_array_equal(outputs[0][1], outputs[1][1])
 
@@ -152,7 +157,7 @@ def test_train_inputs_equal_host_letterbox_flip_and_photometric():
     params = np.stack([photometric_params(rng) for _ in examples])
     flips = [True, False, True]
     batch = _batch([e[0] for e in examples], [e[1] for e in examples], flips, params)
-    out = transform.train_inputs(batch, size)
+    out = jax.jit(transform.train_inputs, static_argnums=1)(batch, size)
     for i, (image, mask) in enumerate(examples):
         ref_image, _ = letterbox(image, size)
         ref_mask = letterbox_mask(mask, size)
