@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,19 +50,17 @@ def _content_len(length: jax.Array, long_side: jax.Array, size: int) -> jax.Arra
 
 
 def _axis_geometry(length: jax.Array, long_side: jax.Array, size: int
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(content length, padding before it, content index of each output pixel)."""
+                   ) -> tuple[jax.Array, jax.Array]:
+    """(content length, content index of each output pixel; the padding is centred)."""
     out_len = jnp.where(length == long_side, size, _content_len(length, long_side, size))
-    pad = (size - out_len) // 2
-    index = jnp.arange(size) - pad
-    return out_len, pad, index
+    return out_len, jnp.arange(size) - (size - out_len) // 2
 
 
 def _bilinear_taps(in_len: jax.Array, out_len: jax.Array, index: jax.Array, canvas: int,
                    taps: int) -> tuple[jax.Array, jax.Array]:
     """PIL's bilinear coefficients: (source index int32[S, K], weight float32[S, K]).
 
-    Output pixels outside the content (index < 0 or >= out_len) get all-zero weights.
+    Output pixels outside the content get arbitrary taps: the caller fills them.
     """
     in_f = in_len.astype(jnp.float32)
     scale = in_f / out_len.astype(jnp.float32)
@@ -72,9 +71,7 @@ def _bilinear_taps(in_len: jax.Array, out_len: jax.Array, index: jax.Array, canv
     source = first[:, None] + jnp.arange(taps, dtype=jnp.float32)[None, :]
     weight = jnp.maximum(0.0, 1.0 - jnp.abs((source - center[:, None] + 0.5) / filterscale))
     weight = jnp.where(source < stop[:, None], weight, 0.0)
-    inside = (index >= 0) & (index < out_len)
-    total = jnp.sum(weight, axis=1, keepdims=True)
-    weight = jnp.where(inside[:, None], weight / jnp.maximum(total, 1e-12), 0.0)
+    weight = weight / jnp.maximum(jnp.sum(weight, axis=1, keepdims=True), 1e-12)
     return jnp.clip(source, 0, canvas - 1).astype(jnp.int32), weight
 
 
@@ -85,23 +82,31 @@ def _nearest_source(in_len: jax.Array, out_len: jax.Array, index: jax.Array) -> 
     return jnp.clip(source, 0, in_len - 1)
 
 
-def _geometry(hw: jax.Array, size: int, canvas: int, taps: int, flip: jax.Array
-              ) -> tuple[jax.Array, ...]:
-    """Per-example resampling plan: bilinear (source, weight) per output row and column, the
-    nearest source row/column, and which output rows/columns hold content. A flipped example
-    reads its columns in reverse, so the flip costs nothing."""
+class Plan(NamedTuple):
+    """Per-example resampling plan (leading batch axis once vmapped)."""
+
+    src_y: jax.Array  # int32[S, K] bilinear source rows
+    wy: jax.Array  # float32[S, K] their weights
+    src_x: jax.Array  # int32[S, K] bilinear source columns
+    wx: jax.Array  # float32[S, K]
+    near_y: jax.Array  # int32[S] nearest source row (masks)
+    near_x: jax.Array  # int32[S] nearest source column
+    inside: jax.Array  # bool[S, S] output pixels that hold content
+
+
+def _geometry(hw: jax.Array, size: int, canvas: int, taps: int, flip: jax.Array) -> Plan:
+    """The plan of one example. A flipped example reads its columns in reverse, so the flip
+    costs nothing."""
     h, w = hw[0], hw[1]
     long_side = jnp.maximum(h, w)
-    out_h, _, rows = _axis_geometry(h, long_side, size)
-    out_w, _, cols = _axis_geometry(w, long_side, size)
+    out_h, rows = _axis_geometry(h, long_side, size)
+    out_w, cols = _axis_geometry(w, long_side, size)
     cols = jnp.where(flip, cols[::-1], cols)
     src_y, wy = _bilinear_taps(h, out_h, rows, canvas, taps)
     src_x, wx = _bilinear_taps(w, out_w, cols, canvas, taps)
-    inside_y = (rows >= 0) & (rows < out_h)
-    inside_x = (cols >= 0) & (cols < out_w)
-    near_y = _nearest_source(h, out_h, rows)
-    near_x = _nearest_source(w, out_w, cols)
-    return src_y, wy, src_x, wx, inside_y, inside_x, near_y, near_x
+    inside = ((rows >= 0) & (rows < out_h))[:, None] & ((cols >= 0) & (cols < out_w))[None, :]
+    return Plan(src_y, wy, src_x, wx, _nearest_source(h, out_h, rows),
+                _nearest_source(w, out_w, cols), inside)
 
 
 def _resample_gather(image: jax.Array, src_y: jax.Array, wy: jax.Array, src_x: jax.Array,
@@ -126,27 +131,24 @@ def _resample_matmul(image: jax.Array, src_y: jax.Array, wy: jax.Array, src_x: j
     return jnp.einsum("sh,hwc,tw->stc", weights_y, image.astype(jnp.float32), weights_x)
 
 
-def _letterbox_one(image: jax.Array, plan: tuple[jax.Array, ...], method: str) -> jax.Array:
+def _letterbox_one(image: jax.Array, plan: Plan, method: str) -> jax.Array:
     """uint8[C, C, 3] canvas -> float32[S, S, 3] in [0, 1], padding MEAN_GREY."""
-    src_y, wy, src_x, wx, inside_y, inside_x = plan[:6]
     resample = _resample_matmul if method == "matmul" else _resample_gather
-    out = resample(image, src_y, wy, src_x, wx)
-    inside = inside_y[:, None] & inside_x[None, :]
+    out = resample(image, plan.src_y, plan.wy, plan.src_x, plan.wx)
     fill = jnp.asarray(MEAN_GREY, jnp.float32)
-    return jnp.where(inside[..., None], out, fill) * (1.0 / 255.0)
+    return jnp.where(plan.inside[..., None], out, fill) * (1.0 / 255.0)
 
 
-def _letterbox_mask_one(packed: jax.Array, plan: tuple[jax.Array, ...]) -> jax.Array:
+def _letterbox_mask_one(packed: jax.Array, plan: Plan) -> jax.Array:
     """uint8[C, ceil(C/8)] packed-bit canvas -> float32[S, S] in {0, 1}, padding 0."""
-    inside_y, inside_x, near_y, near_x = plan[4:]
-    byte = packed[near_y][:, near_x >> 3]  # [S, S]
-    bit = (byte >> (7 - (near_x & 7)).astype(jnp.uint8)[None, :]) & 1
-    inside = inside_y[:, None] & inside_x[None, :]
-    return jnp.where(inside, bit, 0).astype(jnp.float32)
+    byte = packed[plan.near_y][:, plan.near_x >> 3]  # [S, S]
+    bit = (byte >> (7 - (plan.near_x & 7)).astype(jnp.uint8)[None, :]) & 1
+    return jnp.where(plan.inside, bit, 0).astype(jnp.float32)
 
 
-def _plans(hw: jax.Array, flip: jax.Array | None, size: int, canvas: int
-           ) -> tuple[jax.Array, ...]:
+def plans(hw: jax.Array, size: int, canvas: int, flip: jax.Array | None = None) -> Plan:
+    """The batch's resampling plans from int32[B, 2] (H, W) and bool[B] flips (None = none);
+    images and masks of one batch share them."""
     flip = jnp.zeros(hw.shape[:1], bool) if flip is None else flip
     taps = num_taps(canvas, size)
     return jax.vmap(lambda s, f: _geometry(s, size, canvas, taps, f))(hw, flip)
@@ -162,21 +164,24 @@ def default_method(canvas: int, size: int) -> str:
 
 
 def letterbox_images(images: jax.Array, hw: jax.Array, size: int,
-                     flip: jax.Array | None = None, method: str | None = None) -> jax.Array:
+                     flip: jax.Array | None = None, method: str | None = None,
+                     plan: Plan | None = None) -> jax.Array:
     """uint8[B, C, C, 3] canvases with int32[B, 2] (H, W) -> float32[B, S, S, 3] in [0, 1],
-    mirrored left-right where ``flip`` (bool[B]) is set."""
+    mirrored left-right where ``flip`` (bool[B]) is set. ``plan``: ``plans(hw, size, C,
+    flip)`` if the caller already has it."""
     method = method or default_method(images.shape[1], size)
     if method not in ("gather", "matmul"):
         raise ValueError(f"unknown resampling method {method!r}; use 'gather' or 'matmul'")
-    plans = _plans(hw, flip, size, images.shape[1])
-    return jax.vmap(lambda im, p: _letterbox_one(im, p, method))(images, plans)
+    plan = plans(hw, size, images.shape[1], flip) if plan is None else plan
+    return jax.vmap(lambda im, p: _letterbox_one(im, p, method))(images, plan)
 
 
 def letterbox_masks(packed: jax.Array, hw: jax.Array, size: int,
-                    flip: jax.Array | None = None) -> jax.Array:
-    """uint8[B, C, ceil(C/8)] packed-bit canvases -> float32[B, S, S] in {0, 1}."""
-    plans = _plans(hw, flip, size, packed.shape[1])
-    return jax.vmap(_letterbox_mask_one)(packed, plans)
+                    flip: jax.Array | None = None, plan: Plan | None = None) -> jax.Array:
+    """uint8[B, C, ceil(C/8)] packed-bit canvases (on the same C x C canvas as the images)
+    -> float32[B, S, S] in {0, 1}."""
+    plan = plans(hw, size, packed.shape[1], flip) if plan is None else plan
+    return jax.vmap(_letterbox_mask_one)(packed, plan)
 
 
 def apply_photometric(images: jax.Array, params: jax.Array) -> jax.Array:
@@ -200,8 +205,10 @@ def train_inputs(batch: Batch, size: int, method: str | None = None) -> dict[str
     left/right words), photometric jitter with the host's factors. ``method``: resampling
     ('gather' | 'matmul', None = default_method(C, S)).
     """
-    image = letterbox_images(batch["image"], batch["hw"], size, batch["flip"], method)
-    mask = letterbox_masks(batch["mask"], batch["hw"], size, batch["flip"])
+    hw, flip = batch["hw"], batch["flip"]
+    plan = plans(hw, size, batch["image"].shape[1], flip)  # shared by image and mask
+    image = letterbox_images(batch["image"], hw, size, flip, method, plan)
+    mask = letterbox_masks(batch["mask"], hw, size, flip, plan)
     image = apply_photometric(image, batch["photometric"])
     return {"image": image, "mask": mask, "tokens": batch["tokens"],
             "token_mask": batch["token_mask"]}
