@@ -14,6 +14,9 @@ integer hit counts) over batches and hosts, and only then turns it into ratios w
   (``empty_union_iou`` if every union is empty);
 * Prec@k = fraction of pairs with IoU >= k; the comparison is exact rational
   arithmetic (I * 10 >= 5 * U for k = 0.5), so IoU exactly at k counts.
+
+``PairCounts`` keeps each pair's intersection and union (by pair id) so any of these, or
+another paper's metric, can be recomputed from the per-pair table eval.py writes.
 """
 
 from __future__ import annotations
@@ -189,3 +192,79 @@ def finalize(sums: MetricSums, *, empty_union_iou: float = 0.0) -> dict[str, flo
         out[f"prec@{k}"] = hit / sums.pairs
     out["pairs"] = sums.pairs
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PairCounts:
+    """Per-pair pixel counts, one entry per evaluated (object, expression) pair.
+
+    ``pair_id`` is the pair's index in evaluation order; ``expression_pair_id`` the pair whose
+    expression the model read (the same pair unless expressions were shuffled). All int64[n].
+    """
+
+    pair_id: np.ndarray
+    intersection: np.ndarray
+    union: np.ndarray
+    expression_pair_id: np.ndarray
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name,
+                               np.asarray(getattr(self, field.name), np.int64).reshape(-1))
+        n = self.pair_id.size
+        if any(getattr(self, f.name).size != n for f in dataclasses.fields(self)):
+            raise ValueError("PairCounts fields differ in length")
+
+    @classmethod
+    def empty(cls) -> PairCounts:
+        return cls(*(np.zeros((0,), np.int64) for _ in range(4)))
+
+    def __len__(self) -> int:
+        return int(self.pair_id.size)
+
+    def __add__(self, other: PairCounts) -> PairCounts:
+        """Both sets of pairs (concatenated; see ``sorted``)."""
+        return PairCounts(*(np.concatenate([getattr(self, f.name), getattr(other, f.name)])
+                            for f in dataclasses.fields(self)))
+
+    def sorted(self) -> PairCounts:
+        """The pairs in pair-id order."""
+        order = np.argsort(self.pair_id, kind="stable")
+        return PairCounts(*(getattr(self, f.name)[order] for f in dataclasses.fields(self)))
+
+    def iou(self, *, empty_union_iou: float = 0.0) -> np.ndarray:
+        """float64[n] per-pair IoU; an empty union scores ``empty_union_iou``."""
+        union = self.union.astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iou = self.intersection.astype(np.float64) / union
+        return np.where(self.union == 0, np.float64(empty_union_iou), iou)
+
+    def sums(self, *, empty_union_iou: float = 0.0) -> MetricSums:
+        """The ``MetricSums`` of these pairs (``pair_sums``)."""
+        return pair_sums(self.intersection, self.union, empty_union_iou=empty_union_iou)
+
+    def to_array(self) -> np.ndarray:
+        """int64[4, n]: pair_id, intersection, union, expression_pair_id."""
+        return np.stack([getattr(self, f.name) for f in dataclasses.fields(self)])
+
+
+def allgather_pairs(pairs: PairCounts) -> PairCounts:
+    """Every process's pairs, in pair-id order, on every process (a sort on one process).
+
+    Processes may hold different numbers of pairs: each pads to the longest with pair id -1
+    (dropped after the gather). int64 travels as int32 pairs, as in ``allgather_sums``.
+    """
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return pairs.sorted()
+    sizes = multihost_utils.process_allgather(np.asarray([len(pairs)], np.int32))
+    longest = int(np.max(np.asarray(sizes)))
+    table = np.full((4, longest), -1, np.int64)
+    table[:, : len(pairs)] = pairs.to_array()
+    gathered = multihost_utils.process_allgather(table.view(np.int32))
+    rows = np.asarray(gathered, np.int32).reshape(-1, 4, 2 * longest).view(np.int64)
+    merged = np.concatenate(list(rows), axis=1)
+    merged = merged[:, merged[0] >= 0]
+    return PairCounts(*merged).sorted()

@@ -1,15 +1,20 @@
-"""Prediction on a user's image: masks, overlays and position-prior heat maps as PNGs.
+"""Prediction on a user's image: masks, overlays, position-prior heat maps and panels as PNGs.
 
 All expressions for one image go through the model in one batch (the letterboxed image
 repeated). The mask follows the evaluation path exactly: mask logits [S/o, S/o] ->
 bilinear to S x S (device) -> ``unletterbox`` to H x W -> ``metrics.binarize`` with
 ``config.threshold``. The prior heat map is sigmoid(prior logits) -> bilinear to S x S
 -> ``unletterbox`` to H x W.
+
+Each ``Prediction`` carries one-line warnings for what a user should know: an empty
+expression, an expression cut to ``max_text_len`` tokens, an empty mask. ``read_pairs``
+reads many (image, expression) pairs from a JSONL file for ``predict_to_files``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +31,7 @@ from lts_jax.evaluate import upsample_square
 from lts_jax.letterbox import letterbox, unletterbox
 from lts_jax.models.model import create_model
 
-OUTPUT_KINDS: tuple[str, ...] = ("mask", "overlay", "prior")
+OUTPUT_KINDS: tuple[str, ...] = ("mask", "overlay", "prior", "panel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +42,52 @@ class Prediction:
     mask: np.ndarray  # bool[H, W]
     probability: np.ndarray  # float32[H, W], sigmoid of the mask logits
     prior: np.ndarray  # float32[H, W], sigmoid of the position-prior logits
+    num_tokens: int = 0  # tokens of the whole expression (the model reads max_text_len)
+    warnings: tuple[str, ...] = ()  # one line each, for the user
+
+
+@dataclasses.dataclass(frozen=True)
+class PairRequest:
+    """One (image, expression) to segment; ``index`` numbers its output files."""
+
+    image: Path
+    expression: str
+    index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Written:
+    """What ``predict_to_files`` wrote for one request."""
+
+    request: PairRequest
+    paths: dict[str, Path]
+    warnings: tuple[str, ...]
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def expression_warnings(expression: str, num_tokens: int, max_text_len: int) -> list[str]:
+    """Warnings about the text itself: empty, or longer than the model reads."""
+    if not expression.strip():
+        return ["empty expression: the model reads only an unknown token and segments "
+                "whatever its prior favours"]
+    if num_tokens > max_text_len:
+        return [f"expression {_short(expression)!r} is {num_tokens} tokens long; the model "
+                f"reads the first {max_text_len} (max_text_len), {num_tokens - max_text_len} "
+                "dropped"]
+    return []
+
+
+def mask_warnings(expression: str, mask: np.ndarray, probability: np.ndarray,
+                  threshold: float) -> list[str]:
+    """A warning when nothing was segmented, with the highest probability reached."""
+    if np.asarray(mask).any():
+        return []
+    top = float(np.max(probability)) if np.size(probability) else 0.0
+    return [f"empty mask for {_short(expression)!r}: the highest pixel probability is "
+            f"{top:.3f}, below the threshold {threshold:g}"]
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -61,9 +112,39 @@ def slugify(text: str, max_len: int = 40) -> str:
 def output_paths(
     out_dir: str | Path, image_path: str | Path, index: int, expression: str
 ) -> dict[str, Path]:
-    """'<stem>_<index>_<slug>_{mask,overlay,prior}.png' in ``out_dir``, keyed by kind."""
+    """'<stem>_<index>_<slug>_{mask,overlay,prior,panel}.png' in ``out_dir``, keyed by kind."""
     base = f"{Path(image_path).stem}_{index:02d}_{slugify(expression)}"
     return {kind: Path(out_dir) / f"{base}_{kind}.png" for kind in OUTPUT_KINDS}
+
+
+def read_pairs(path: str | Path) -> list[PairRequest]:
+    """Requests from a JSONL file: one ``{"image": path, "expression": text}`` object per
+    line (blank lines skipped). A relative image path is relative to the file's folder.
+    ``index`` is the line number (from 1), so outputs are named per line. Errors name the
+    file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file not found: {path}")
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not JSON ({err.msg})") from err
+        if not isinstance(item, dict):
+            raise ValueError(f'{where}: expected an object {{"image": ..., "expression": ...}}')
+        missing = [k for k in ("image", "expression") if not isinstance(item.get(k), str)]
+        if missing:
+            raise ValueError(f"{where}: needs string field(s) {', '.join(missing)}")
+        image = Path(item["image"]).expanduser()
+        out.append(PairRequest(image if image.is_absolute() else path.parent / image,
+                               item["expression"], number))
+    if not out:
+        raise ValueError(f"{path} holds no pairs")
+    return out
 
 
 class Predictor:
@@ -116,25 +197,48 @@ class Predictor:
         for i, expression in enumerate(expressions):
             logits = unletterbox(logits_s[i], params, (h, w))
             prior = unletterbox(prior_s[i], params, (h, w))
+            mask = metrics.binarize(logits, self.threshold)
+            # tanh form of the sigmoid: no overflow warnings for large |logit|
+            probability = (0.5 + 0.5 * np.tanh(0.5 * logits)).astype(np.float32)
+            num_tokens = self.count_tokens(expression)
+            notes = expression_warnings(expression, num_tokens, max_len) + mask_warnings(
+                expression, mask, probability, self.threshold)
             out.append(
                 Prediction(
                     expression=expression,
-                    mask=metrics.binarize(logits, self.threshold),
-                    # tanh form of the sigmoid: no overflow warnings for large |logit|
-                    probability=(0.5 + 0.5 * np.tanh(0.5 * logits)).astype(np.float32),
+                    mask=mask,
+                    probability=probability,
                     prior=np.clip(prior, 0.0, 1.0),
+                    num_tokens=num_tokens,
+                    warnings=tuple(notes),
                 )
             )
         return out
+
+    def count_tokens(self, expression: str) -> int:
+        """Tokens of the whole expression (0 for an empty one), before truncation."""
+        if not expression.strip():
+            return 0
+        # A piece covers at least one character (plus a possible leading word marker).
+        _, mask = self.tokenizer.encode(expression, len(expression) + 2)
+        return int(np.count_nonzero(mask))
 
 
 def write_prediction(
     image: np.ndarray, prediction: Prediction, paths: dict[str, Path]
 ) -> dict[str, Path]:
-    """Saves the mask (0/255), the tinted overlay and the prior heat map as PNGs."""
+    """Saves the mask (0/255), the overlay (fill + outline in a colour contrasting with the
+    object) and the prior heat map (scale 0..1) at the original size, and the panel
+    (overlay | prior scaled 0..max with its colour bar, the expression below)."""
     visualize.save_png(visualize.mask_image(prediction.mask), paths["mask"])
     visualize.save_png(visualize.overlay_mask(image, prediction.mask), paths["overlay"])
     visualize.save_png(visualize.heatmap_overlay(image, prediction.prior), paths["prior"])
+    share = 100.0 * float(prediction.mask.mean()) if prediction.mask.size else 0.0
+    note = (f"left: mask, {int(prediction.mask.sum()):,} px ({share:.1f}% of the image); "
+            f"right: position prior, 0..max")
+    panel = visualize.prediction_panel(image, prediction.mask, prediction.prior,
+                                       prediction.expression, note=note)
+    visualize.save_png(panel, paths["panel"])
     return paths
 
 
@@ -170,20 +274,38 @@ def load_predictor(
     return Predictor(config, variables, _load_tokenizer(config)), step
 
 
+def image_requests(image_path: str | Path, expressions: Sequence[str]) -> list[PairRequest]:
+    """One image with several expressions, numbered 0, 1, ..."""
+    return [PairRequest(Path(image_path), e, i) for i, e in enumerate(expressions)]
+
+
 def predict_to_files(
     workdir: str | Path,
-    image_path: str | Path,
-    expressions: Sequence[str],
+    requests: Sequence[PairRequest],
     out_dir: str | Path,
     *,
     which: str = "best",
     data_dir: str | None = None,
-) -> list[dict[str, Path]]:
-    """Writes mask, overlay and prior PNGs for every expression; returns their paths."""
-    image = load_image(image_path)  # before the (slow) checkpoint load: fail fast
+) -> list[Written]:
+    """Writes mask, overlay, prior and panel PNGs for every request, in request order; the
+    expressions of one image run as one batch."""
+    if not requests:
+        raise ValueError("give at least one (image, expression) pair")
+    by_image: dict[Path, list[int]] = {}
+    for k, request in enumerate(requests):
+        by_image.setdefault(Path(request.image), []).append(k)
+    for path in by_image:  # before the (slow) checkpoint load: fail fast
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+    load_image(next(iter(by_image)))
     predictor, _ = load_predictor(workdir, which=which, data_dir=data_dir)
-    predictions = predictor.predict(image, expressions)
-    return [
-        write_prediction(image, p, output_paths(out_dir, image_path, i, p.expression))
-        for i, p in enumerate(predictions)
-    ]
+    written: list[Written | None] = [None] * len(requests)
+    for path, ks in by_image.items():
+        image = load_image(path)
+        predictions = predictor.predict(image, [requests[k].expression for k in ks])
+        for k, p in zip(ks, predictions, strict=True):
+            r = requests[k]
+            paths = write_prediction(image, p, output_paths(out_dir, r.image, r.index,
+                                                            r.expression))
+            written[k] = Written(r, paths, p.warnings)
+    return [w for w in written if w is not None]

@@ -1,5 +1,8 @@
 """Evaluation results as a Markdown table, CSV and JSON (eval_results.{md,csv,json}).
 
+train.py writes them into the workdir at the end of training; eval.py into its own folder
+under <workdir>/eval/ beside the per-pair tables and the HTML report (lts_jax/report.py).
+
 Metric values arrive as fractions in [0, 1] (``lts_jax.metrics.finalize``) and are
 written as percentages everywhere: two decimals in the Markdown table, full
 precision in CSV and JSON.
@@ -32,7 +35,7 @@ METRIC_DEFINITIONS: dict[str, str] = {
     "(computed as logit >= log(threshold / (1 - threshold)))",
 }
 
-_HEADERS: dict[str, str] = {"mIoU": "mIoU", "oIoU": "oIoU"} | {
+METRIC_HEADERS: dict[str, str] = {"mIoU": "mIoU", "oIoU": "oIoU"} | {
     f"prec@{k}": f"Prec@{k}" for k in PREC_THRESHOLDS
 }
 
@@ -63,7 +66,7 @@ class SplitResult:
 
 def format_markdown(results: Sequence[SplitResult]) -> str:
     """A Markdown table: one row per split, one column per metric (percent, 2 decimals)."""
-    header = ["dataset/split", "pairs", *(_HEADERS[k] for k in METRIC_KEYS)]
+    header = ["dataset/split", "pairs", *(METRIC_HEADERS[k] for k in METRIC_KEYS)]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",

@@ -97,6 +97,9 @@ def test_batch_sums_ignores_padded_examples():
         for i in (0, 2)
     ]
     assert sums == metrics.pair_sums([e[0] for e in expected], [e[1] for e in expected])
+    pairs = evaluate.batch_pairs(logits, batch, threshold=0.5)
+    assert pairs.pair_id.tolist() == [0, 2] and pairs.expression_pair_id.tolist() == [0, 2]
+    assert list(zip(pairs.intersection.tolist(), pairs.union.tolist(), strict=True)) == expected
 
 
 def test_shuffle_moves_expressions_only_among_valid_examples():
@@ -119,6 +122,9 @@ def test_shuffle_moves_expressions_only_among_valid_examples():
     assert sorted(src) == list(v_idx)
     assert all(s != i for s, i in zip(src, v_idx, strict=True))
     np.testing.assert_array_equal(out["token_mask"][v_idx], before["token_mask"][src])
+    # ... and each row says whose expression it now has (padded rows: their own).
+    np.testing.assert_array_equal(out["expression_pair_id"][v_idx], before["pair_id"][src])
+    np.testing.assert_array_equal(out["expression_pair_id"][[2, 4]], [2, 4])
     # Seeded: the same generator state gives the same permutation.
     again = evaluate.shuffle_expressions(batch, np.random.default_rng(42))
     np.testing.assert_array_equal(again["tokens"], out["tokens"])
@@ -247,6 +253,31 @@ def test_evaluate_split_end_to_end(tiny_run):
         single.intersection, single.union, single.pairs, single.hits)
     assert combined.iou_sum == pytest.approx(single.iou_sum, rel=1e-12)
     assert metrics.finalize(single) == pytest.approx(result, rel=1e-12)
+    # Per-pair counts: every pair once, in pair-id order, adding up to the same metrics.
+    again, pairs = evaluator.evaluate_pairs(variables, EVAL_SPLIT)
+    assert again == pytest.approx(result, rel=1e-12)
+    assert pairs.pair_id.tolist() == list(range(result["pairs"]))
+    assert pairs.expression_pair_id.tolist() == pairs.pair_id.tolist()
+    assert (int(pairs.intersection.sum()), int(pairs.union.sum())) == (
+        single.intersection, single.union)
+    infos = evaluate.pair_infos(config, EVAL_SPLIT)
+    assert [i.pair_id for i in infos] == list(range(result["pairs"]))
+    # The report's pictures go through the same forward: their masks give the same counts.
+    # (Reusing the compiled forward: no new compilation.)
+    ids = [0, result["pairs"] - 1, 3]
+    compiled = forward._cache_size()
+    pictures = evaluator.pair_pictures(variables, EVAL_SPLIT, ids)
+    assert forward._cache_size() == compiled
+    for pid, pic in zip(ids, pictures, strict=True):
+        assert pic.image.shape[:2] == pic.gt.shape == pic.pred.shape == pic.prior.shape
+        assert metrics.intersection_union(pic.pred, pic.gt) == (
+            pairs.intersection[pid], pairs.union[pid])
+        assert 0.0 <= pic.prior.min() and pic.prior.max() <= 1.0
+    # Shuffled: each pair names the pair whose expression it read.
+    _, shuffled = evaluator.evaluate_pairs(variables, EVAL_SPLIT, shuffle_expressions=True)
+    assert shuffled.pair_id.tolist() == pairs.pair_id.tolist()
+    assert sorted(shuffled.expression_pair_id.tolist()) == pairs.pair_id.tolist()
+    assert (shuffled.expression_pair_id != shuffled.pair_id).any()
 
 
 def test_ground_truth_logits_score_near_perfect_through_real_loader(tiny_run):
@@ -271,22 +302,62 @@ def test_ground_truth_logits_score_near_perfect_through_real_loader(tiny_run):
     assert result["oIoU"] > 0.93 and result["prec@0.9"] == 1.0
 
 
-def test_eval_cli_writes_tables(tiny_run):
-    workdir, config, _, step = tiny_run
+def _run_eval(workdir, *args):
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    res = subprocess.run(
-        [sys.executable, str(repo / "eval.py"), "--workdir", str(workdir), "--splits", EVAL_SPLIT,
-         "--shuffle_expressions"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=180,
+    return subprocess.run(
+        [sys.executable, str(repo / "eval.py"), "--workdir", str(workdir), *args],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=240,
     )
+
+
+def test_eval_cli_writes_its_own_folder_with_report(tiny_run):
+    import csv
+    import re
+
+    from train_fixtures import enable_compile_cache
+
+    enable_compile_cache()  # the second eval.py loads the first one's compiled forward
+    workdir, config, _, step = tiny_run
+    res = _run_eval(workdir, "--splits", EVAL_SPLIT, "--shuffle_expressions")
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"| refshapes/{EVAL_SPLIT} |" in res.stdout
     assert f"| refshapes/{EVAL_SPLIT} (shuffled expressions) |" in res.stdout
-    data = json.loads((workdir / "eval_results.json").read_text())
+    first = workdir / "eval" / f"step_{step:06d}_{EVAL_SPLIT}_shuffled"
+    assert str(first) in res.stdout
+    data = json.loads((first / "eval_results.json").read_text())
     assert data["checkpoint_step"] == step and data["threshold"] == config.threshold
+    assert data["splits"] == [EVAL_SPLIT] and data["shuffle_expressions"] is True
     assert [(r["split"], r["shuffled"]) for r in data["results"]] == [
         (EVAL_SPLIT, False), (EVAL_SPLIT, True)]
-    assert data["results"][0]["pairs"] == data["results"][1]["pairs"] > 0
-    assert (workdir / "eval_results.csv").exists() and (workdir / "eval_results.md").exists()
+    pairs = data["results"][0]["pairs"]
+    assert pairs == data["results"][1]["pairs"] > 0
+    assert (first / "eval_results.csv").exists() and (first / "eval_results.md").exists()
+    # Per-pair tables: exactly one row per evaluated pair, and the table's numbers follow
+    # from them.
+    for name, row in (("pairs_validation.csv", 0), ("pairs_validation_shuffled.csv", 1)):
+        with (first / name).open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == pairs
+        assert [int(r["pair_id"]) for r in rows] == list(range(pairs))
+        inter = [int(r["intersection"]) for r in rows]
+        union = [int(r["union"]) for r in rows]
+        recomputed = metrics.finalize(metrics.pair_sums(inter, union))
+        assert recomputed["oIoU"] * 100 == pytest.approx(data["results"][row]["metrics"]["oIoU"])
+        assert recomputed["mIoU"] * 100 == pytest.approx(data["results"][row]["metrics"]["mIoU"])
+        assert all(r["expression"] and int(r["ref_id"]) >= 0 for r in rows)
+    # The report: self-contained (no external references), with the gallery pictures.
+    page = (first / "report.html").read_text()
+    pictures = re.findall(r'<img src="data:image/(?:png|jpeg);base64,', page)
+    assert len(pictures) >= 6
+    assert page.count("<svg") == 2 and "shuffled: " in page
+    assert not re.search(r'(src|href)="(http|/)', page)
+    # A second evaluation with other splits leaves the first one in place.
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    res = _run_eval(workdir, "--splits", "testA", "--gallery=0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    second = workdir / "eval" / f"step_{step:06d}_testA"
+    assert (second / "pairs_testA.csv").exists() and (second / "report.html").exists()
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert not (workdir / "eval_results.json").exists()  # eval.py no longer writes there

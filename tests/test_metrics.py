@@ -138,3 +138,49 @@ def test_allgather_sums_single_process_is_identity():
 def test_finalize_rejects_zero_pairs():
     with pytest.raises(ValueError, match="no"):
         metrics.finalize(MetricSums())
+
+
+def test_pair_counts_iou_sums_sort_and_concatenate():
+    a = metrics.PairCounts([3, 0], [1, 0], [4, 0], [3, 0])
+    b = metrics.PairCounts([1, 2], [5, 2], [5, 3], [2, 1])
+    both = (a + b).sorted()
+    assert both.pair_id.tolist() == [0, 1, 2, 3] and len(both) == 4
+    assert both.expression_pair_id.tolist() == [0, 2, 1, 3]
+    assert both.iou().tolist() == [0.0, 1.0, 2 / 3, 0.25]
+    assert both.iou(empty_union_iou=1.0)[0] == 1.0
+    # The same sums as pair_sums over the same counts, and the same metrics.
+    assert both.sums() == metrics.pair_sums([0, 5, 2, 1], [0, 5, 3, 4])
+    assert both.to_array().shape == (4, 4) and both.to_array().dtype == np.int64
+    assert len(metrics.PairCounts.empty()) == 0
+    with pytest.raises(ValueError, match="length"):
+        metrics.PairCounts([0, 1], [0], [0], [0])
+
+
+def test_allgather_pairs_single_process_sorts():
+    pairs = metrics.PairCounts([2, 0, 1], [1, 2, 3], [4, 5, 6], [2, 0, 1])
+    out = metrics.allgather_pairs(pairs)
+    assert out.pair_id.tolist() == [0, 1, 2] and out.intersection.tolist() == [2, 3, 1]
+
+
+def test_allgather_pairs_two_simulated_processes_of_different_lengths(monkeypatch):
+    import jax
+    from jax.experimental import multihost_utils
+
+    mine = metrics.PairCounts([4, 0], [1, 2], [3, 4], [0, 4])
+    other = metrics.PairCounts([1, 3, 2], [5, 6, 7], [8, 9, 2**40], [1, 2, 3])
+
+    def fake_allgather(x):
+        x = np.asarray(x)
+        if x.shape == (1,):
+            return np.stack([x, np.asarray([len(other)], np.int32)])
+        table = np.full((4, x.shape[1] // 2), -1, np.int64)
+        table[:, : len(other)] = other.to_array()
+        return np.stack([x, table.view(np.int32)])
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", fake_allgather)
+    out = metrics.allgather_pairs(mine)
+    assert out.pair_id.tolist() == [0, 1, 2, 3, 4]
+    assert out.intersection.tolist() == [2, 5, 7, 6, 1]
+    assert out.union.tolist() == [4, 8, 2**40, 9, 3]  # int64 survives the int32 transport
+    assert out.expression_pair_id.tolist() == [4, 1, 3, 2, 0]
