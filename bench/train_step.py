@@ -62,7 +62,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lts_jax.mesh import make_mesh, shard_batch  # noqa: E402
-from lts_jax.train_setup import create_train_setup, resolve_config  # noqa: E402
+from lts_jax.train_setup import create_train_setup, low_res_steps, resolve_config  # noqa: E402
 from lts_jax.train_step import LossFn, make_train_step  # noqa: E402
 from lts_jax.transform import packed_width, train_inputs_fn  # noqa: E402
 
@@ -227,6 +227,7 @@ def run_benchmark(
         times.append(time.perf_counter() - t0)
     loss = float(metrics["loss"])
     transform_ms = time_transform(config, batch, steps)
+    low_res = _low_res_figures(setup, state, batch, steps, compiler_options)
     host_bytes = sum(np.asarray(v).nbytes for v in local.values()) / len(local["image"])
 
     step_s = statistics.fmean(times)
@@ -264,7 +265,48 @@ def run_benchmark(
         "canvas_size": int(config.data.canvas_size),
         "transform_ms": transform_ms,
         "host_to_device_bytes_per_sample": host_bytes,
+        "num_train_steps": int(config.num_train_steps),
+        **low_res,
+        "job_flops": _job_flops(config, flops_per_step, low_res.get("low_res_flops_per_step")),
     }
+
+
+def _low_res_figures(setup: Any, state: Any, batch: Any, steps: int,
+                     compiler_options: dict[str, Any] | None) -> dict[str, Any]:
+    """FLOPs and step time of the progressive-resizing step ({} when the config has none)."""
+    if setup.low_res_train_step is None:
+        return {}
+    lowered = setup.low_res_train_step.lower(state, batch, setup.dropout_rng)
+    flops = flops_of(lowered)
+    if not flops > 0:  # as for the main step: count the CPU lowering
+        flops = flops_lowered_on_cpu(
+            setup.model, setup.tx, setup.loss_fn, setup.lr_schedule,
+            (state, batch, setup.dropout_rng),
+            train_inputs_fn(int(setup.config.data.low_res_image_size)))
+    compiled = lowered.compile(compiler_options=compiler_options)
+    state, metrics = compiled(state, batch, setup.dropout_rng)
+    jax.block_until_ready((state, metrics))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch, setup.dropout_rng)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    return {"low_res_image_size": int(setup.config.data.low_res_image_size),
+            "low_res_steps": low_res_steps(setup.config),
+            "low_res_flops_per_step": flops,
+            "low_res_step_ms_mean": statistics.fmean(times) * 1e3}
+
+
+def _job_flops(config: ml_collections.ConfigDict, flops_per_step: float,
+               low_res_flops_per_step: float | None) -> float:
+    """Training FLOPs of the whole run: config.num_train_steps steps, the first
+    low_res_steps of them at the low-res step's cost."""
+    total, low = int(config.num_train_steps), low_res_steps(config)
+    if low_res_flops_per_step is None:
+        return total * flops_per_step
+    low = min(low, total)
+    return low * low_res_flops_per_step + (total - low) * flops_per_step
 
 
 def format_report(r: dict[str, Any], config_name: str = "") -> str:
@@ -294,6 +336,13 @@ def format_report(r: dict[str, Any], config_name: str = "") -> str:
                             "included in the step)"),
         ("host->device", f"{r['host_to_device_bytes_per_sample'] / 1e3:.1f} kB per sample"),
     ]
+    if "low_res_flops_per_step" in r:
+        low = r["low_res_image_size"]
+        rows.append(("low-res step", f"{low}x{low} for the first {r['low_res_steps']} steps: "
+                                     f"{r['low_res_flops_per_step'] / 1e12:.4g} TFLOP/step, "
+                                     f"{r['low_res_step_ms_mean']:.1f} ms mean"))
+    rows.append(("job TFLOP", f"{r['job_flops'] / 1e12:.4g} over {r['num_train_steps']} "
+                              "train steps (config.num_train_steps; XLA estimate)"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

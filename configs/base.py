@@ -53,6 +53,11 @@ def base_config(model_variant: str) -> ml_collections.ConfigDict:
     config.data.photometric = False
     # RefShapes only: images generated (0 = the generator's default size).
     config.data.refshapes_num_images = 0
+    # Progressive resizing: the first low_res_steps train steps letterbox to low_res_image_size
+    # (same host batches; only the jitted step's resize differs), the rest and every evaluation
+    # to image_size. 0 = off. The model is fully convolutional, so the parameters are the same.
+    config.data.low_res_image_size = 0
+    config.data.low_res_steps = 0
 
     config.model = model_config(model_variant)
     # Set from the tokenizer by training; kept here so the field exists in a locked config.

@@ -45,6 +45,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.flip = not tiny
     config.data.photometric = False
     config.data.refshapes_num_images = 24 if tiny else 0
+    # Progressive resizing: the first 1,100 of 1,350 steps at 64x64 (0.41x the FLOPs of a
+    # 96x96 step) learn where the object is; the last 250 at 96x96 sharpen its outline.
+    # 9.55 TFLOP in all vs 20.4 for 1,500 steps at 96x96, at higher mIoU (README, issue 12).
+    config.data.low_res_image_size = 0 if tiny else 64
+    config.data.low_res_steps = 0 if tiny else 1100
 
     config.optim.name = "adamw"
     config.optim.learning_rate = 2e-3
@@ -57,10 +62,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.batch_size = 8 if tiny else 32
     config.eval_batch_size = 8 if tiny else 64
-    config.num_train_steps = 4 if tiny else 1500
+    config.num_train_steps = 4 if tiny else 1350
     config.log_every = 2 if tiny else 50
-    config.eval_every = 4 if tiny else 500
-    config.checkpoint_every = 2 if tiny else 500
+    # One evaluation, at the end (the reported checkpoint is the last one either way).
+    config.eval_every = 4 if tiny else 1350
+    config.checkpoint_every = 2 if tiny else 250
     config.keep_checkpoints = 2
     config.threshold = 0.5
     return config

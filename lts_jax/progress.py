@@ -86,6 +86,11 @@ class ProgressBar:
             postfix["eta"] = "?" if eta is None else format_duration(eta)
             self._bar.set_postfix(postfix, refresh=True)
 
+    def restart_rate(self) -> None:
+        """Measures the rate afresh from the next synchronised point (the step got cheaper or
+        dearer, e.g. after progressive resizing; the interval holding its compile is left out)."""
+        self._rate = SyncedRate(self._rate._clock)
+
     def write(self, message: str) -> None:
         """Prints a line above the bar without breaking it."""
         if not self._bar.disable:

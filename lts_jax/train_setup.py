@@ -103,6 +103,14 @@ class TrainSetup:
     train_step: TrainStepFn
     init_rng: jax.Array
     dropout_rng: jax.Array  # replicated over the mesh
+    # The step of the first config.data.low_res_steps steps (progressive resizing), or None.
+    low_res_train_step: TrainStepFn | None = None
+
+    def step_fn(self, step: int) -> TrainStepFn:
+        """The jitted train step that trains step number ``step`` (1-based)."""
+        if self.low_res_train_step is not None and step <= low_res_steps(self.config):
+            return self.low_res_train_step
+        return self.train_step
 
     @property
     def _sizes(self) -> dict[str, int]:
@@ -121,8 +129,21 @@ class TrainSetup:
         return abstract_like(shapes, replicated(self.mesh))
 
 
+def low_res_steps(config: ml_collections.ConfigDict) -> int:
+    """How many leading train steps run at config.data.low_res_image_size (0: none)."""
+    data = config.data
+    size, steps = int(data.get("low_res_image_size", 0)), int(data.get("low_res_steps", 0))
+    if size < 0 or steps < 0:
+        raise ValueError(f"config.data.low_res_image_size={size} and config.data.low_res_steps="
+                         f"{steps} must be >= 0 (0 turns progressive resizing off)")
+    if (size > 0) != (steps > 0):
+        raise ValueError("set both config.data.low_res_image_size and config.data.low_res_steps "
+                         f"(got {size} and {steps}), or neither")
+    return steps
+
+
 def create_train_setup(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainSetup:
-    """Model, optimiser, LTS loss and the jitted train step of a resolved ``config``."""
+    """Model, optimiser, LTS loss and the jitted train step(s) of a resolved ``config``."""
     from lts_jax.models.model import create_model
 
     model = create_model(config.model)
@@ -130,6 +151,11 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainSe
     loss_fn = make_loss_fn(config.loss)
     inputs_fn = train_inputs_fn(int(config.data.image_size))
     train_step = make_train_step(model, tx, loss_fn, lr_schedule, mesh, inputs_fn=inputs_fn)
+    low_res_step = None
+    if low_res_steps(config):
+        low_res_step = make_train_step(
+            model, tx, loss_fn, lr_schedule, mesh,
+            inputs_fn=train_inputs_fn(int(config.data.low_res_image_size)))
     init_rng, dropout_rng = jax.random.split(jax.random.key(int(config.seed)))
     return TrainSetup(config, mesh, model, tx, lr_schedule, loss_fn, inputs_fn, train_step,
-                      init_rng, replicate(dropout_rng, mesh))
+                      init_rng, replicate(dropout_rng, mesh), low_res_step)

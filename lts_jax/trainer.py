@@ -27,7 +27,7 @@ from lts_jax.mesh import make_mesh, shard_batch
 from lts_jax.metric_writer import MetricWriter
 from lts_jax.preemption import PreemptionWatcher
 from lts_jax.progress import ProgressBar
-from lts_jax.train_setup import TrainSetup, create_train_setup, resolve_config
+from lts_jax.train_setup import TrainSetup, create_train_setup, low_res_steps, resolve_config
 from lts_jax.train_step import TRAIN_INPUTS, TrainState
 from lts_jax.workdir_config import check_resumable, write_config
 
@@ -240,6 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
     with (_open_run(config, workdir, setup, tokenizer) as (run, state, start_step),
           PreemptionWatcher() as watcher):
         _log_start(state, start_step, total_steps, int(config.batch_size))
+        low_steps = low_res_steps(config)
         for step in range(start_step + 1, total_steps + 1):  # ``step``: the one trained now
             if watcher.should_stop(step - 1):
                 _save(run, step - 1, state)
@@ -247,11 +248,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
                 return {}
             batch = next(run.train_iter)
             batch = shard_batch({k: batch[k] for k in TRAIN_INPUTS}, setup.mesh)
-            state, metrics = setup.train_step(state, batch, setup.dropout_rng)
+            state, metrics = setup.step_fn(step)(state, batch, setup.dropout_rng)
             run.pending.add(step, metrics)
-            if step == start_step + 1:  # one sync, so throughput leaves out compilation
+            # One sync after each compilation (the first step, and the first at full size
+            # after progressive resizing), so throughput leaves compilation out.
+            switched = low_steps > 0 and step == low_steps + 1  # first full-size step
+            if step == start_step + 1 or switched:
                 jax.block_until_ready(metrics)
                 run.throughput.reset()
+                if switched:
+                    run.bar.restart_rate()
             else:
                 run.throughput.count()
             if step % int(config.log_every) == 0 or step == total_steps:

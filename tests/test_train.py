@@ -244,3 +244,42 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(
 def test_refuses_to_resume_with_a_different_model(full_run, data_dir):
     with pytest.raises(ConfigMismatchError, match="model.fusion.dim"):
         train_lib.train_and_evaluate(tiny_config(data_dir, model__fusion__dim=32), full_run[0])
+
+
+def test_progressive_resizing_trains_the_first_steps_small(data_dir, tmp_path, monkeypatch):
+    """config.data.low_res_*: steps 1..low_res_steps letterbox to the low size, the rest and
+    the evaluation to image_size; each step compiles once."""
+    sizes, calls, jitted = [], [], []
+    make, inputs_fn = train_setup.make_train_step, train_setup.train_inputs_fn
+
+    def recording_inputs_fn(size):
+        sizes.append(size)
+        return inputs_fn(size)
+
+    def recording_step(*args, **kwargs):
+        fn, size = make(*args, **kwargs), sizes[-1]
+
+        def step(state, batch, rng):
+            calls.append(size)
+            return fn(state, batch, rng)
+
+        jitted.append(fn)
+        return step
+
+    monkeypatch.setattr(train_setup, "train_inputs_fn", recording_inputs_fn)
+    monkeypatch.setattr(train_setup, "make_train_step", recording_step)
+    config = tiny_config(data_dir, num_train_steps=3, eval_every=3, checkpoint_every=3,
+                         data__low_res_image_size=32, data__low_res_steps=2)
+    setup = train_setup.create_train_setup(
+        train_setup.resolve_config(config, int(config.data.vocab_size)), make_mesh())
+    assert setup.step_fn(1) is setup.step_fn(2) is setup.low_res_train_step
+    assert setup.step_fn(3) is setup.train_step
+    calls.clear()
+    jitted.clear()
+    results = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    assert calls == [32, 32, 64]
+    assert [fn._cache_size() for fn in jitted] == [1, 1]
+    assert 0.0 <= results["validation"]["mIoU"] <= 1.0
+    for name in ("low_res_image_size", "low_res_steps"):
+        with pytest.raises(ValueError, match="set both config.data.low_res_image_size"):
+            train_setup.low_res_steps(tiny_config(data_dir, **{f"data__{name}": 2}))
