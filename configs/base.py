@@ -82,11 +82,16 @@ def base_config(model_variant: str) -> ml_collections.ConfigDict:
     config.optim.b2 = 0.999
     config.optim.eps = 1e-8
     config.optim.warmup_steps = 0
+    # Steps the learning-rate schedule spans (0 = num_train_steps; resolved and saved in
+    # config.json). Past it the rate stays at its final value: extend a run by raising
+    # num_train_steps with schedule_steps kept at the workdir's value (README, "Failure and
+    # resume semantics").
+    config.optim.schedule_steps = 0
     config.optim.schedule = "step"  # 'constant' | 'step' | 'cosine'
-    # 'step': multiply the rate by decay_factor at each of these fractions of num_train_steps.
+    # 'step': multiply the rate by decay_factor at each of these fractions of schedule_steps.
     config.optim.decay_at = (0.6, 0.85)
     config.optim.decay_factor = 0.1
-    # 'cosine': the rate falls to learning_rate * end_factor at num_train_steps.
+    # 'cosine': the rate falls to learning_rate * end_factor at schedule_steps.
     config.optim.end_factor = 0.0
     config.optim.clip_norm = 0.0  # global gradient-norm clip; 0 = off
     config.optim.backbone_lr_mult = 0.1  # learning-rate multiplier for the 'visual' subtree

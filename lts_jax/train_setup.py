@@ -48,11 +48,17 @@ def resolve_dtype(name: str) -> str:
 def resolve_config(
     config: ml_collections.ConfigDict, vocab_size: int | None = None
 ) -> ml_collections.ConfigDict:
-    """A copy with run-time fields filled in: model.vocab_size (tokenizer) and model.dtype."""
+    """A copy with run-time fields filled in: model.vocab_size (tokenizer), model.dtype and
+    optim.schedule_steps (0 -> num_train_steps, so config.json records the schedule's length)."""
     config = ml_collections.ConfigDict(config.to_dict())
     if vocab_size is not None:
         config.model.vocab_size = int(vocab_size)
     config.model.dtype = resolve_dtype(config.model.dtype)
+    schedule_steps = int(config.optim.get("schedule_steps", 0))
+    if schedule_steps < 0:
+        raise ValueError(f"config.optim.schedule_steps={schedule_steps} must be >= 0 "
+                         "(0: the schedule spans num_train_steps)")
+    config.optim.schedule_steps = schedule_steps or int(config.num_train_steps)
     return config
 
 
@@ -147,7 +153,13 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainSe
     from lts_jax.models.model import create_model
 
     model = create_model(config.model)
-    tx, lr_schedule = create_optimizer(config.optim, int(config.num_train_steps))
+    schedule_steps = int(config.optim.get("schedule_steps", 0)) or int(config.num_train_steps)
+    tx, lr_schedule = create_optimizer(config.optim, schedule_steps)
+    if int(config.num_train_steps) > schedule_steps:
+        logger.warning("Steps %d-%d run past the learning-rate schedule (optim.schedule_steps="
+                       "%d) at its final rate %.3g", schedule_steps + 1,
+                       int(config.num_train_steps), schedule_steps,
+                       float(lr_schedule(schedule_steps)))
     loss_fn = make_loss_fn(config.loss)
     inputs_fn = train_inputs_fn(int(config.data.image_size))
     train_step = make_train_step(model, tx, loss_fn, lr_schedule, mesh, inputs_fn=inputs_fn)

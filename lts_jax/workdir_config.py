@@ -18,6 +18,8 @@ CONFIG_FILE = "config.json"
 # Dotted field names (or prefixes ending in '.') that may differ between a workdir's saved
 # config and the config of a run resuming in it.
 RESUME_SAFE_FIELDS = (
+    # Safe because the schedule's length is optim.schedule_steps (resolved from it and not
+    # safe): a run is extended by keeping schedule_steps, never by silently re-timing it.
     "num_train_steps",
     "log_every",
     "eval_every",
@@ -84,9 +86,17 @@ def _resume_safe(field: str) -> bool:
     )
 
 
+def _with_legacy_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A flattened config.json from before a field existed, with the value that field takes
+    for the run it describes (so older workdirs still resume)."""
+    defaults = {"data.low_res_image_size": 0, "data.low_res_steps": 0,
+                "optim.schedule_steps": saved.get("num_train_steps")}
+    return {**{k: v for k, v in defaults.items() if v is not None}, **saved}
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Fields (dotted) that differ and are not resume-safe, with both values."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = _with_legacy_defaults(_flatten(saved)), _flatten(current)
     diffs = []
     for field in sorted(set(a) | set(b)):
         if _resume_safe(field):
@@ -104,10 +114,18 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
     saved = read_config(workdir)
     if saved is None:
         return
-    diffs = config_differences(config_to_dict(saved), config_to_dict(config))
+    saved_dict = config_to_dict(saved)
+    diffs = config_differences(saved_dict, config_to_dict(config))
     if diffs:
+        hint = "Use a new --workdir, or override these fields back to the workdir's values."
+        if any(d.startswith("optim.schedule_steps:") for d in diffs):
+            steps = _with_legacy_defaults(_flatten(saved_dict))["optim.schedule_steps"]
+            hint = (f"A changed num_train_steps would rebuild the learning-rate schedule. To "
+                    f"extend the run on its own schedule (the rate stays at its final value "
+                    f"after step {steps}), add --config.optim.schedule_steps={steps}; for "
+                    "a new schedule, use a new --workdir.")
         raise ConfigMismatchError(
             f"Refusing to resume in {workdir}: its config.json differs from this run in fields "
             "that change the model, data or optimisation:\n  " + "\n  ".join(diffs)
-            + "\nUse a new --workdir, or override these fields back to the workdir's values."
+            + "\n" + hint
         )

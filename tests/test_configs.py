@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import jax
@@ -11,7 +12,12 @@ from absl import flags
 from ml_collections import config_flags
 
 from lts_jax.train_setup import resolve_config, resolve_dtype
-from lts_jax.workdir_config import ConfigMismatchError, check_resumable, write_config
+from lts_jax.workdir_config import (
+    ConfigMismatchError,
+    check_resumable,
+    config_to_dict,
+    write_config,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(
@@ -101,11 +107,19 @@ def test_paper_config_dtype_argument():
 def test_resume_check_allows_run_length_but_not_model_changes(tmp_path):
     path = os.path.join(REPO, "configs", "refshapes.py")
     config = resolve_config(_parse([f"--config={path}:tiny"]), vocab_size=50)
+    assert config.optim.schedule_steps == config.num_train_steps == 4
     write_config(str(tmp_path), config)
-    longer = resolve_config(
-        _parse([f"--config={path}:tiny", "--config.num_train_steps=99",
+    other_io = resolve_config(
+        _parse([f"--config={path}:tiny", "--config.log_every=1",
                 "--config.eval_every=3", "--config.data.data_dir=/elsewhere"]), vocab_size=50)
-    check_resumable(str(tmp_path), longer)  # no error
+    check_resumable(str(tmp_path), other_io)  # no error
+    # A longer run would re-time the learning-rate schedule: refused, naming the way to extend.
+    longer = [f"--config={path}:tiny", "--config.num_train_steps=99"]
+    with pytest.raises(ConfigMismatchError, match=r"(?s)optim\.schedule_steps: workdir has 4, "
+                       r"this run has 99.*--config\.optim\.schedule_steps=4"):
+        check_resumable(str(tmp_path), resolve_config(_parse(longer), vocab_size=50))
+    extended = resolve_config(_parse([*longer, "--config.optim.schedule_steps=4"]), 50)
+    check_resumable(str(tmp_path), extended)  # no error: same schedule, more steps
     wider = resolve_config(
         _parse([f"--config={path}:tiny", "--config.model.fusion.dim=32"]), vocab_size=50)
     with pytest.raises(ConfigMismatchError, match=r"model\.fusion\.dim: workdir has 16"):
@@ -113,3 +127,16 @@ def test_resume_check_allows_run_length_but_not_model_changes(tmp_path):
     with pytest.raises(ConfigMismatchError, match="batch_size"):
         check_resumable(str(tmp_path), resolve_config(
             _parse([f"--config={path}:tiny", "--config.batch_size=4"]), vocab_size=50))
+
+
+def test_workdirs_saved_before_schedule_steps_and_low_res_still_resume(tmp_path):
+    path = os.path.join(REPO, "configs", "refshapes.py")
+    config = resolve_config(_parse([f"--config={path}:tiny"]), vocab_size=50)
+    old = config_to_dict(config)
+    del old["optim"]["schedule_steps"], old["data"]["low_res_image_size"]
+    del old["data"]["low_res_steps"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    check_resumable(str(tmp_path), config)  # no error
+    with pytest.raises(ConfigMismatchError, match="schedule_steps=4"):
+        check_resumable(str(tmp_path), resolve_config(
+            _parse([f"--config={path}:tiny", "--config.num_train_steps=6"]), vocab_size=50))

@@ -95,3 +95,13 @@ def test_gradient_clipping():
     _, new_state = tx.update(big, state, params)
     mu = new_state[1].mu
     assert float(global_norm(mu)) == pytest.approx((1 - 0.9) * 1.0, rel=1e-5)
+
+
+def test_rate_stays_at_its_final_value_past_the_schedule():
+    """An extended run (num_train_steps > optim.schedule_steps) keeps the workdir's schedule."""
+    optim = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=2, schedule="cosine",
+                                           end_factor=0.05))
+    schedule = learning_rate_schedule(optim, 6)
+    assert float(schedule(3)) > float(schedule(6))
+    for step in (6, 7, 10, 1000):
+        np.testing.assert_allclose(float(schedule(step)), 5e-5, rtol=1e-5)
