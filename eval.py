@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import flags
 
 from lts_jax import cli
 
@@ -94,4 +94,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -8,7 +8,7 @@ add ``--multiprocess`` (plus the coordinator flags where the cluster is not auto
 from __future__ import annotations
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from lts_jax import cli
 
@@ -33,4 +33,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging as py_logging
 import os
+import re
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 import jax
@@ -52,6 +54,66 @@ class _OwnInfoOnly(py_logging.Filter):
         if record.getMessage().startswith("Requested `tracked_metric`"):
             return False  # Orbax: a checkpoint saved between evaluations has no metrics
         return record.levelno >= py_logging.WARNING or own
+
+
+def _innermost(err: BaseException) -> BaseException:
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return err
+
+
+def config_error(err: BaseException, argv: list[str]) -> str:
+    """One line for a --config file that did not load or an override that names no field."""
+    root = _innermost(err)
+    if isinstance(root, FileNotFoundError) or "No such file or directory" in str(err):
+        filename = config_flags.get_config_filename(FLAGS["config"])
+        folder = os.path.join(_REPO, "configs")
+        configs = sorted(n for n in os.listdir(folder)
+                         if n.endswith(".py") and n not in ("base.py", "__init__.py"))
+        return f"--config: no such file {filename!r}; the configs are in {folder}: " + (
+            ", ".join(configs))
+    # ml_collections: KeyError("'num_train_step'\nDid you mean \"num_train_steps\" ...") a
+    # few exceptions up the chain from the bare KeyError('num_train_step').
+    chain, e = [], err
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    text = "\n".join(chain)
+    missing = re.search(r"'(\w+)'", str(root))
+    if isinstance(root, (KeyError, AttributeError)) and missing:
+        name = missing.group(1)
+        flag = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
+                     and name in a.split("=", 1)[0].split(".")), f"an override of {name!r}")
+        suggestion = re.search(r'Did you mean "([\w.]+)"', text)
+        hint = f"; did you mean {suggestion.group(1)!r}?" if suggestion else ""
+        return f"{flag}: the config has no field {name!r}{hint}"
+    return f"--config: {type(root).__name__}: {root}"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with config mistakes (missing file, unknown field) in one line."""
+    program = os.path.basename(argv[0])
+    try:
+        args = FLAGS(argv)
+        if "config" in FLAGS and FLAGS["config"].present:
+            FLAGS.config.keys()  # a file that failed to load raises only when used
+    except flags.Error as err:
+        if isinstance(_innermost(err), (KeyError, AttributeError)):
+            raise SystemExit(f"{program}: error: {config_error(err, argv)}") from None
+        # A config file's get_config error arrives with its traceback: keep the last line.
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        message = lines[0] if len(lines) < 2 else (
+            f"{lines[0].split(': Error whilst')[0]}: {lines[-1]}")
+        raise SystemExit(f"{program}: error: {message}\nPass --helpshort for the flags."
+                         ) from None
+    except (OSError, KeyError, AttributeError) as err:
+        raise SystemExit(f"{program}: error: {config_error(err, argv)}") from None
+    return args
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """``app.run(main)`` whose flag and config mistakes end in one line (exit status 1)."""
+    app.run(main, flags_parser=_parse_flags)
 
 
 def start(argv: list[str]) -> None:
