@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -325,6 +326,10 @@ def copy_examples(examples: Sequence[Example], folder: str | Path) -> list[Examp
 def serve(predictor: Predictor, step: int, *, workdir: str | Path, which: str,
           host: str, port: int) -> None:
     """Builds the page and serves it at http://host:port until interrupted."""
+    # SIGTERM (kill, a service manager, the test) ends the server like Ctrl-C does, so the
+    # finally below removes the workspace.
+    if threading.current_thread() is threading.main_thread():  # signal() needs it
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     workspace = Path(tempfile.mkdtemp(prefix="lts_demo_"))
     examples = copy_examples(find_examples(predictor.config), workspace / "examples")
     demo = Demo(predictor, workspace / "results", examples=examples)

@@ -135,8 +135,9 @@ class _Server:
 
     def __init__(self, workdir: Path, tmp: Path) -> None:
         self.address = f"http://127.0.0.1:{_free_port()}/"
+        (tmp / "tmpdir").mkdir()
         env = dict(os.environ, JAX_PLATFORMS="cpu", GRADIO_TEMP_DIR=str(tmp / "gradio"),
-                   GRADIO_ANALYTICS_ENABLED="False")
+                   GRADIO_ANALYTICS_ENABLED="False", TMPDIR=str(tmp / "tmpdir"))
         env.pop("XLA_FLAGS", None)  # one CPU device, as a user would run it
         self.log_path = tmp / "server.log"
         with open(self.log_path, "w") as log:
@@ -163,22 +164,26 @@ class _Server:
                 pytest.fail(f"demo.py not serving after {STARTUP_TIMEOUT_S} s:\n{self._log()}")
             time.sleep(0.25)
 
-    def stop(self) -> None:
+    def stop(self) -> int | None:
+        """Terminates the server; its exit status (None: it had to be killed)."""
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=10)
+            return self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+            return None
 
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
     """demo.py starting on the tiny workdir (the test launches the browser meanwhile)."""
     _browser_or_skip()
-    server = _Server(get_tiny_workdir(tmp_path_factory), tmp_path_factory.mktemp("demo"))
+    tmp = tmp_path_factory.mktemp("demo")
+    server = _Server(get_tiny_workdir(tmp_path_factory), tmp)
     yield server
-    server.stop()
+    assert server.stop() == 0, server._log()  # SIGTERM ends it like Ctrl-C ...
+    assert not list((tmp / "tmpdir").glob("lts_demo_*"))  # ... and its workspace goes
 
 
 def test_demo_page_segments_an_upload_and_an_example(demo_server, tmp_path):
