@@ -191,6 +191,11 @@ class Evaluator:
         tokenizer: Any = None,
     ) -> None:
         self.config, self.model, self.mesh, self.tokenizer = config, model, mesh, tokenizer
+        if tokenizer is not None:  # it reads the data: refuse a mistyped split before compiling
+            try:
+                split_names(config.data.eval_splits, config)
+            except ValueError as err:
+                raise ValueError(f"config.data.eval_splits: {err}") from None
         self.image_size = int(config.data.image_size)
         self.threshold = float(config.threshold)
         self.empty_union_iou = float(config.empty_union_iou)
@@ -362,9 +367,19 @@ class Evaluator:
         return out
 
 
-def split_names(splits: str) -> list[str]:
-    """'validation, testA,,testB' -> ['validation', 'testA', 'testB']."""
-    return [s.strip() for s in str(splits).split(",") if s.strip()]
+def split_names(splits: str, config: ml_collections.ConfigDict | None = None) -> list[str]:
+    """'validation, testA,,testB' -> ['validation', 'testA', 'testB'].
+
+    With ``config``, each must be a split of the prepared config.data dataset: a typo is a
+    one-line ValueError naming it and the available splits, before anything compiles.
+    """
+    names = [s.strip() for s in str(splits).split(",") if s.strip()]
+    if config is not None:
+        from tfds_refcoco import records  # deferred: the builder pulls in TFDS
+
+        data = config.data
+        records.check_splits(records.configured_dataset(data), names, data.data_dir)
+    return names
 
 
 @dataclasses.dataclass(frozen=True)

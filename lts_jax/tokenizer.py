@@ -1,9 +1,9 @@
 """SentencePiece tokenizer trained deterministically on a dataset's training expressions.
 
-The model file lives under the TFDS data_dir, keyed by dataset config and requested vocab size,
-so every run (and every host) tokenises the same way. Training is made reproducible: sorted
-input, no sentence sampling or shuffling, one thread, a fixed global seed; the same expressions
-give a byte-identical model file.
+The model file lives under the TFDS data_dir, keyed by the prepared dataset (a generated RefShapes
+of each size is its own) and requested vocab size, so every run (and every host) tokenises the
+same way. Training is made reproducible: sorted input, no sentence sampling or shuffling, one
+thread, a fixed global seed; the same expressions give a byte-identical model file.
 """
 
 from __future__ import annotations
@@ -107,9 +107,25 @@ class Tokenizer:
         self.__init__(state["proto"])
 
 
-def tokenizer_path(data_dir: str | os.PathLike[str], dataset: str, vocab_size: int) -> epath.Path:
-    """Where the model for (dataset config, requested vocab size) lives under data_dir."""
+def tokenizer_path(data_dir: str | os.PathLike[str], dataset: str, vocab_size: int, *,
+                   refshapes_num_images: int | None = None) -> epath.Path:
+    """Where the model for (dataset config, requested vocab size) lives under data_dir.
+
+    A RefShapes of another size than the default is another dataset (``refshapes_n<N>``,
+    see tfds_refcoco.records.dataset_name), so its expressions get their own model.
+    """
+    if refshapes_num_images:  # deferred import, as in load_tokenizer
+        from tfds_refcoco import records
+
+        dataset = records.dataset_name(dataset, refshapes_num_images)
     return epath.Path(data_dir) / "lts_tokenizers" / f"{dataset}_unigram{vocab_size}.model"
+
+
+def config_tokenizer_path(config: Any) -> epath.Path:
+    """``tokenizer_path`` of the tokenizer ``load_tokenizer(config)`` uses."""
+    data = config.data
+    return tokenizer_path(data.data_dir, data.dataset, data.vocab_size,
+                          refshapes_num_images=data.get("refshapes_num_images", 0) or None)
 
 
 def train_or_load(path: str | os.PathLike[str], expressions_fn: Callable[[], Iterable[str]],
@@ -130,17 +146,18 @@ def train_or_load(path: str | os.PathLike[str], expressions_fn: Callable[[], Ite
 
 
 def load_tokenizer(config: Any) -> Tokenizer:
-    """Train-or-load the tokenizer for config.data.dataset from its (prepared) train split."""
+    """Train-or-load the tokenizer for config.data.dataset (of the configured RefShapes size,
+    config.data.refshapes_num_images) from its (prepared) train split."""
     from tfds_refcoco import records  # deferred: keeps this module usable without the builder
 
     data = config.data
 
     def expressions() -> list[str]:
-        source = records.data_source(data.dataset, data.train_split, data.data_dir)
+        source = records.data_source(records.configured_dataset(data), data.train_split,
+                                     data.data_dir)
         out: list[str] = []
         for i in range(len(source)):
             out.extend(records.decode_expressions(source[i]))
         return out
 
-    return train_or_load(tokenizer_path(data.data_dir, data.dataset, data.vocab_size),
-                         expressions, data.vocab_size)
+    return train_or_load(config_tokenizer_path(config), expressions, data.vocab_size)

@@ -67,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--refshapes_num_images", type=int, default=None,
-        help="number of images of a generated RefShapes (default: the generator's)",
+        help="number of images of a generated RefShapes (default: the generator's); each "
+        "size is its own dataset, refshapes_n<N>",
     )
     parser.add_argument(
         "--num_workers", type=int, default=None,
@@ -75,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serial); the written records are the same whatever the number",
     )
     args = parser.parse_args(argv)
+    try:  # the dataset built: refshapes_n<N> for a RefShapes of another size
+        name = records.build_name(args.config, args.manual_dir, args.refshapes_num_images)
+    except ValueError as e:
+        parser.error(str(e))
     try:
         counts = records.prepare(
             args.config,
@@ -84,18 +89,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             refshapes_num_images=args.refshapes_num_images,
             num_workers=args.num_workers,
         )
-    except (refer.ReferFormatError, FileNotFoundError, build_lock.BuildLockedError) as e:
+    except (refer.ReferFormatError, FileNotFoundError, build_lock.BuildLockedError,
+            records.UnusableDatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{records.BUILDER_NAME}/{args.config} in {args.data_dir}")
+    print(f"{records.BUILDER_NAME}/{name} in {args.data_dir}")
     print(format_counts(counts))
-    stats = records.combined_stats(args.config, args.data_dir)
+    stats = records.combined_stats(name, args.data_dir)
     if stats:
         print(combined.format_stats(stats))
-    report = format_skipped(records.skipped(args.config, args.data_dir))
+    report = format_skipped(records.skipped(name, args.data_dir))
     if report:
         print(report)
-    latin1 = records.latin1_fallback(args.config, args.data_dir)
+    latin1 = records.latin1_fallback(name, args.data_dir)
     if latin1:
         print(f"{len(latin1)} expression(s) were not valid UTF-8; their other bytes were read "
               "as latin-1: " + ", ".join(f"ref_id={s['ref_id']} sent_id={s['sent_id']}"

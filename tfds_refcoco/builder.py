@@ -23,7 +23,8 @@ refcocog_umd      refcocog/          42,226 (21,899) / 2,573 (1,300) /
 refcocog_google   refcocog/          44,822 (24,698) / 5,000 (4,650); no test
                   refs(google)
 refshapes         refshapes/         train / validation / testA / testB, synthetic,
-                  refs(unc)          generated under data_dir if no manual_dir
+                  refs(unc)          generated under data_dir if no manual_dir;
+                                     refshapes_n<N>: generated with N images
 refcocox_combined the three above:   train: the three train splits minus every
                   refcoco/refs(unc), object on an image of any of their eval splits;
                   refcoco+/refs(unc) plus those eight eval splits unchanged, as
@@ -75,7 +76,9 @@ that killed builds left.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -123,10 +126,12 @@ _ARCHIVE = "https://web.archive.org/web/2022/https://bvisionweb1.cs.unc.edu/lich
 
 @dataclasses.dataclass(eq=False)
 class RefConfig(tfds.core.BuilderConfig):
-    """Which refer folder and which partition's refs file a config reads."""
+    """Which refer folder and which partition's refs file a config reads; ``num_images``: the
+    size of a generated RefShapes (0 = the generator's default)."""
 
     dataset: str = ""
     partition: str = ""
+    num_images: int = 0
 
 
 def _config(name: str, dataset: str, partition: str, description: str) -> RefConfig:
@@ -145,6 +150,46 @@ CONFIGS: tuple[RefConfig, ...] = (
             "of any of their eval splits; those eight splits as <source>_<split>."),
 )
 CONFIG_NAMES: tuple[str, ...] = tuple(c.name for c in CONFIGS)
+REFSHAPES = "refshapes"
+_SIZED_REFSHAPES = re.compile(r"refshapes_n([1-9][0-9]*)")
+
+
+def default_refshapes_images() -> int:
+    """The number of images of the generator's default RefShapes."""
+    from tfds_refcoco import refshapes  # imported late: only RefShapes needs it
+
+    return sum(n for _, n in refshapes.DEFAULT_SPLIT_IMAGES)
+
+
+def refshapes_config_name(num_images: int | None) -> str:
+    """The config of a generated RefShapes of ``num_images`` images: ``refshapes`` for the
+    generator's default (None, 0 or that very number), else ``refshapes_n<num_images>``.
+    Each size is its own dataset, so switching sizes on one data_dir never reuses another's.
+    """
+    if not num_images or num_images == default_refshapes_images():
+        return REFSHAPES
+    from tfds_refcoco import refshapes
+
+    try:  # refused here, before anything is written
+        refshapes.split_sizes(num_images)
+    except ValueError as e:
+        raise ValueError(f"refshapes_num_images={num_images}: {e} (0 = the default size, "
+                         f"{default_refshapes_images()} images)") from None
+    return f"{REFSHAPES}_n{num_images}"
+
+
+def sized_refshapes_images(config_name: str) -> int | None:
+    """N for a ``refshapes_n<N>`` config name, else None."""
+    match = _SIZED_REFSHAPES.fullmatch(config_name)
+    return int(match.group(1)) if match else None
+
+
+@functools.cache
+def _sized_refshapes_config(num_images: int) -> RefConfig:
+    base = next(c for c in CONFIGS if c.name == REFSHAPES)
+    return RefConfig(name=f"{REFSHAPES}_n{num_images}", dataset=base.dataset,
+                     partition=base.partition, num_images=num_images,
+                     description=f"RefShapes generated with {num_images} images.")
 
 
 def raw_refshapes_dir(data_dir: str | os.PathLike, num_images: int | None = None) -> Path:
@@ -163,7 +208,7 @@ class RefcocoMasks(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release: union masks, original JPEG bytes."}
-    BUILDER_CONFIGS = list(CONFIGS)
+    BUILDER_CONFIGS = list(CONFIGS)  # and a refshapes_n<N> per RefShapes size, made on demand
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 Download and unzip into one folder, <manual_dir>:
 
@@ -192,29 +237,39 @@ RefShapes needs no download: without --manual_dir it is generated under <data_di
         # time). The file itself is all TFDS needs (to look for a checksums.tsv beside it).
         return epath.Path(__file__)
 
+    @classmethod
+    def get_builder_config(
+        cls, name: str, version: str | tfds.core.Version | None = None
+    ) -> tfds.core.BuilderConfig | None:
+        """TFDS's lookup, plus ``refshapes_n<N>`` (RefShapes of N images) for any N: known
+        to TFDS this way, no "custom data configuration" warning, and a pickled builder
+        (which keeps the config by name) finds it again."""
+        config = super().get_builder_config(name, version)
+        num_images = sized_refshapes_images(name)
+        if config is None and num_images is not None:
+            config = _sized_refshapes_config(num_images)
+        return config
+
     def __init__(
         self,
         *,
         skip_corrupt: bool = False,
-        refshapes_num_images: int | None = None,
         num_workers: int | None = None,
         **kwargs: Any,
     ) -> None:
         """``skip_corrupt``: leave out (and report) objects that fail validation (corrupt
         image, malformed or zero-area segmentation, no expression) instead of failing.
-        ``refshapes_num_images``: size of a generated RefShapes (None = its default).
         ``num_workers``: processes for validation and masks (None = every available
         core; 1 = all in this process). The records do not depend on it.
-        Other keyword arguments go to ``tfds.core.GeneratorBasedBuilder``.
+        Other keyword arguments go to ``tfds.core.GeneratorBasedBuilder``; a generated
+        RefShapes' size is its config (``refshapes_config_name``).
         """
         kwargs.setdefault("file_format", "array_record")  # random access, no TensorFlow
         super().__init__(**kwargs)
         self._skip_corrupt = skip_corrupt
-        self._refshapes_num_images = refshapes_num_images
         self._num_workers = num_workers or workers.default_num_workers()
         self._original_state.update(  # so a pickled builder keeps its options
-            skip_corrupt=skip_corrupt, refshapes_num_images=refshapes_num_images,
-            num_workers=num_workers,
+            skip_corrupt=skip_corrupt, num_workers=num_workers,
         )
         # The build's worker pool, only while _download_and_prepare runs (never pickled:
         # TFDS pickles a builder through _original_state).
@@ -256,6 +311,15 @@ RefShapes needs no download: without --manual_dir it is generated under <data_di
             metadata=tfds.core.MetadataDict(),
         )
 
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded
+    # and prepared to ..." to stdout around every build: nothing is downloaded here, and
+    # build.py / the trainer say what was built themselves.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     def download_and_prepare(self, *args: Any, **kwargs: Any) -> None:
         """TFDS's download_and_prepare, holding this config's build lock (see build_lock):
         a concurrent build of the same config stops with BuildLockedError, and the
@@ -295,17 +359,21 @@ RefShapes needs no download: without --manual_dir it is generated under <data_di
         }
         if self._is_combined():
             self.info.metadata["combined"] = self._combined_stats
+        if self.builder_config.dataset == REFSHAPES:  # the size generated; None: a manual dir
+            self.info.metadata["refshapes_num_images"] = (
+                None if self._explicit_manual_dir else self.builder_config.num_images)
         self.info.metadata["latin1_fallback"] = {
             "count": len(self._latin1), "sentences": self._latin1}
 
     def _raw_root(self, dl_manager: Any) -> Path:
         cfg = self.builder_config
-        if cfg.name == "refshapes" and self._explicit_manual_dir is None:
+        if cfg.dataset == REFSHAPES and self._explicit_manual_dir is None:
             from tfds_refcoco import refshapes  # imported late: only this config needs it
 
-            root = raw_refshapes_dir(self.data_dir_root, self._refshapes_num_images)
+            num_images = cfg.num_images or None
+            root = raw_refshapes_dir(self.data_dir_root, num_images)
             logging.info("Generating RefShapes raw data under %s", root)
-            refshapes.generate(root, num_images=self._refshapes_num_images)
+            refshapes.generate(root, num_images=num_images)
             return root
         try:
             return Path(dl_manager.manual_dir)
