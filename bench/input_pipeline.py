@@ -228,7 +228,7 @@ def main() -> None:
                         refshapes_num_images=data.get("refshapes_num_images") or None)
         tok = load_tokenizer(config)
         split = data.train_split if args.mode == "train" else data.eval_splits.split(",")[0]
-        source = records.data_source("refshapes", split, data.data_dir)
+        source = records.data_source(records.configured_dataset(data), split, data.data_dir)
         kind = f"refshapes/{split} ({len(source)} objects)"
     else:
         source = coco_fixture(args.num_images)

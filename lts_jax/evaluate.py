@@ -332,8 +332,8 @@ class Evaluator:
         if not pair_ids:
             return []
         data = self.config.data
-        source = records.data_source(data.dataset, split, data.data_dir)
-        order = split_pair_index(data.dataset, split, str(data.data_dir))
+        source = records.data_source(records.configured_dataset(data), split, data.data_dir)
+        order = split_pair_index(records.configured_dataset(data), split, str(data.data_dir))
 
         def loader(ids: list[int]) -> Any:
             return input_pipeline.make_eval_loader(
@@ -412,7 +412,7 @@ def pair_infos(config: ml_collections.ConfigDict, split: str) -> list[PairInfo]:
     from tfds_refcoco import records
 
     data = config.data
-    source = records.data_source(data.dataset, split, data.data_dir)
+    source = records.data_source(records.configured_dataset(data), split, data.data_dir)
     out: list[PairInfo] = []
     for obj in range(len(source)):
         raw = source[obj]

@@ -433,7 +433,7 @@ def create_train_loader(config: Any, tokenizer: Tokenizer, *, process_index: int
     from tfds_refcoco import records  # deferred: the builder is only needed for real data
 
     data = config.data
-    source = records.data_source(data.dataset, data.train_split, data.data_dir)
+    source = records.data_source(records.configured_dataset(data), data.train_split, data.data_dir)
     return make_train_iterator(
         source, tokenizer, global_batch_size=config.batch_size, canvas_size=data.canvas_size,
         max_text_len=data.max_text_len, seed=config.seed if seed is None else seed,
@@ -459,16 +459,18 @@ def create_eval_loader(config: Any, split: str, tokenizer: Tokenizer, *, process
     from tfds_refcoco import records
 
     data = config.data
-    source = records.data_source(data.dataset, split, data.data_dir)
+    source = records.data_source(records.configured_dataset(data), split, data.data_dir)
     return make_eval_loader(
         source, tokenizer, global_batch_size=config.eval_batch_size, image_size=data.image_size,
         max_text_len=data.max_text_len, decode_fn=records.decode_example,
-        pairs=_split_pairs(data.dataset, split, str(data.data_dir)),
+        pairs=_split_pairs(records.configured_dataset(data), split, str(data.data_dir)),
         process_index=process_index, process_count=process_count,
         canvas_size=data.canvas_size, worker_count=data.num_workers)
 
 
 def eval_size(config: Any, split: str) -> tuple[int, int]:
     """(batches per process, number of (object, expression) pairs) for an eval split."""
-    n = len(_split_pairs(config.data.dataset, split, str(config.data.data_dir)))
+    from tfds_refcoco import records
+
+    n = len(_split_pairs(records.configured_dataset(config.data), split, str(config.data.data_dir)))
     return num_eval_batches(n, config.eval_batch_size), n

@@ -243,9 +243,9 @@ def write_prediction(
 
 
 def _load_tokenizer(config: ml_collections.ConfigDict) -> Any:
-    from lts_jax.tokenizer import load_tokenizer, tokenizer_path
+    from lts_jax.tokenizer import config_tokenizer_path, load_tokenizer
 
-    path = tokenizer_path(config.data.data_dir, config.data.dataset, config.data.vocab_size)
+    path = config_tokenizer_path(config)
     try:  # load_tokenizer rebuilds a missing model from the prepared training split
         return load_tokenizer(config)
     except Exception as err:

@@ -255,6 +255,7 @@ def _config(data_dir: str) -> ml_collections.ConfigDict:
         dataset="refshapes", data_dir=data_dir, manual_dir="", image_size=S, canvas_size=128,
         max_text_len=L,
         vocab_size=128, train_split="train", eval_splits="validation", num_workers=0,
+        refshapes_num_images=8,
         flip=True, photometric=True))
     return config
 
@@ -273,7 +274,7 @@ def test_refshapes_loaders_end_to_end(refshapes):
 
     config, counts = refshapes
     tok = load_tokenizer(config)
-    path = tokenizer_path(config.data.data_dir, "refshapes", 128)
+    path = tokenizer_path(config.data.data_dir, "refshapes", 128, refshapes_num_images=8)
     assert path.exists() and 2 < tok.vocab_size <= 128
     assert load_tokenizer(config).model_proto == path.read_bytes() == tok.model_proto
 
