@@ -53,7 +53,7 @@ def _config(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def main(argv: list[str]) -> None:
     cli.start(argv)
     from lts_jax import report
-    from lts_jax.checkpoint import load_for_inference
+    from lts_jax.checkpoint import CheckpointUnreadableError, load_for_inference
     from lts_jax.evaluate import Evaluator, split_names
     from lts_jax.mesh import make_mesh
     from lts_jax.models.model import create_model
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> None:
 
     try:
         saved, variables, step = load_for_inference(FLAGS.workdir, FLAGS.checkpoint)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, CheckpointUnreadableError) as err:
         cli.fail(err)
     config = _config(saved)
     tokenizer = load_tokenizer(config)
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> None:
                             f"{tokenizer.vocab_size} pieces, the checkpoint expects "
                             f"{config.model.vocab_size}"))
     evaluator = Evaluator(config, create_model(config.model), make_mesh(), tokenizer)
-    splits = split_names(FLAGS.splits or config.data.eval_splits)
+    splits = split_names(FLAGS.splits or config.data.eval_splits, config)
     runs = []
     for split in splits:
         for shuffled in ((False, True) if FLAGS.shuffle_expressions else (False,)):

@@ -52,12 +52,13 @@ def _requests() -> list:
 
 def main(argv: list[str]) -> None:
     cli.start(argv)
+    from lts_jax.checkpoint import CheckpointUnreadableError
     from lts_jax.predictor import predict_to_files
 
     try:
         written = predict_to_files(FLAGS.workdir, _requests(), FLAGS.out,
                                    which=FLAGS.checkpoint, data_dir=FLAGS.data_dir)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, CheckpointUnreadableError) as err:
         cli.fail(err)
     for item in written:
         print(f"{item.request.image.name} {item.request.expression!r}: "

@@ -11,11 +11,18 @@ Kept: the last ``keep`` checkpoints plus the one with the best validation oIoU. 
 synchronous: the train step donates its state buffers, so nothing may still be reading them
 once ``save`` returns. Restoring takes abstract arrays that carry the *current* mesh's
 sharding, so a checkpoint written on N devices loads on any other number.
+
+A step that cannot be read back (a torn write, a bad disk) is never deleted: training moves
+it to workdir/unreadable_checkpoints/<step> (``set_aside``) and resumes from the newest
+readable one; inference stops with CheckpointUnreadableError, one line saying what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -28,12 +35,46 @@ from lts_jax.mesh import make_mesh, replicated
 from lts_jax.workdir_config import read_config
 
 CHECKPOINT_DIR = "checkpoints"
+UNREADABLE_DIR = "unreadable_checkpoints"  # where training moves steps it cannot read
 BEST_METRIC = "oIoU"  # validation overall IoU decides which checkpoint is "best"
 VARIABLE_KEYS = ("params", "batch_stats")
 
 
+class CheckpointUnreadableError(OSError):
+    """A saved step's files cannot be read back (truncated or damaged)."""
+
+
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def error_summary(err: BaseException, limit: int = 300) -> str:
+    """'<type>: <first line>' of the exception that caused ``err`` (Orbax wraps TensorStore's
+    error, which appends a many-line spec), at most ``limit`` characters."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _DropReadOnlyNotice(logging.Filter):
+    """Orbax announces every read-only open ("Given directory is read only=..."), which is
+    what eval and predict always ask for: nothing a user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notice() -> Iterator[None]:
+    # Orbax logs through absl, i.e. the 'absl' logger; the filter is there only meanwhile.
+    absl_logger, notice = logging.getLogger("absl"), _DropReadOnlyNotice()
+    absl_logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(notice)
 
 
 def _best_metric(metrics: dict[str, Any]) -> float:
@@ -79,9 +120,11 @@ class TrainCheckpoints:
             "train_state": ocp.StandardCheckpointHandler(),
             "data": grain.checkpoint.CheckpointHandler(),
         }
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=handlers
-        )
+        quiet = _quiet_read_only_notice() if read_only else contextlib.nullcontext()
+        with quiet:
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_handlers=handlers
+            )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -153,6 +196,29 @@ class TrainCheckpoints:
         )
         return dict(restored["variables"])
 
+    def step_dir(self, step: int) -> str:
+        """The directory of a saved ``step`` (Orbax's default naming: the bare number)."""
+        return os.path.join(self.directory, str(int(step)))
+
+    def set_aside(self, step: int) -> str:
+        """Moves ``step``'s directory to workdir/unreadable_checkpoints/ (kept, not deleted,
+        and no longer a candidate for latest or best); returns where it went.
+
+        Call ``reload`` afterwards (on every process) so the manager forgets the step.
+        """
+        parent = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR)
+        os.makedirs(parent, exist_ok=True)
+        target, n = os.path.join(parent, str(int(step))), 0
+        while os.path.exists(target):  # the same step set aside before
+            n += 1
+            target = os.path.join(parent, f"{int(step)}.{n}")
+        os.rename(self.step_dir(step), target)
+        return target
+
+    def reload(self) -> None:
+        """Re-reads the saved steps from disk (after ``set_aside``)."""
+        self._manager.reload()
+
     def close(self) -> None:
         self._manager.close()
 
@@ -183,8 +249,31 @@ def load_for_inference(
             raise FileNotFoundError(
                 f"No checkpoint in {workdir}: {checkpoint_dir(workdir)} holds no saved step"
             )
-        variables = store.restore_variables(step, replicated(mesh or make_mesh()))
+        try:
+            variables = store.restore_variables(step, replicated(mesh or make_mesh()))
+        except Exception as err:  # TensorStore/JSON errors of damaged files; see below
+            raise _unreadable_for_inference(store, step, which, err) from err
     finally:
         store.close()
     return config, variables, int(step)
+
+
+def _unreadable_for_inference(
+    store: TrainCheckpoints, step: int, which: str, err: BaseException
+) -> CheckpointUnreadableError:
+    """One line: which step is unreadable, why, and what to do instead.
+
+    Any exception counts: the same code restores every intact checkpoint of a workdir, so a
+    failure belongs to this step's files.
+    """
+    other_which = "latest" if which == "best" else "best"
+    other = store.latest_step() if other_which == "latest" else store.best_step()
+    alternative = (f"pass --checkpoint {other_which} (step {other}), or "
+                   if other is not None and other != step else "")
+    return CheckpointUnreadableError(
+        f"checkpoint step {step} in {store.directory} is unreadable ({error_summary(err)}); "
+        f"{alternative}move or delete {store.step_dir(step)} and run again to use the other "
+        "checkpoints (rerunning train.py on this workdir sets it aside by itself and resumes "
+        "from the newest readable one)"
+    )
 

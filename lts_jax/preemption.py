@@ -4,6 +4,12 @@ Single process: a Python SIGTERM handler sets a flag that the loop polls each st
 device sync). Several processes: every process must stop at the same step, so the JAX
 coordination service's preemption sync point is used instead (it installs its own SIGTERM
 notifier during jax.distributed.initialize; a Python handler would replace it).
+
+Training that stopped this way raises ``Preempted`` after saving, and train.py exits with
+``PREEMPTED_EXIT_STATUS`` (75, EX_TEMPFAIL: "try again later"), so that a scheduler can tell
+"saved, resubmit the same command" from "finished" (0) and "failed" (1). SIGTERM before
+the training loop (data preparation, set-up) kills the process as usual: the shell then
+reports 143 (128 + SIGTERM) and nothing new was saved.
 """
 
 from __future__ import annotations
@@ -14,6 +20,18 @@ from types import FrameType
 
 import jax
 from jax.experimental import multihost_utils
+
+PREEMPTED_EXIT_STATUS = 75  # os.EX_TEMPFAIL
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM after saving ``step``; rerunning the same command resumes."""
+
+    def __init__(self, step: int, directory: str) -> None:
+        super().__init__(f"stopped by SIGTERM: saved step {step} in {directory}; "
+                         "rerun the same command to resume")
+        self.step = step
+        self.directory = directory
 
 
 class PreemptionWatcher:

@@ -4,6 +4,10 @@ Rerunning with the same workdir resumes from its latest checkpoint (state and da
 so a killed or preempted run continues exactly where it stopped. Host syncs happen only at
 log, eval and checkpoint steps: metrics of the steps in between stay on device until then,
 which is also when they are checked for NaN/Inf (before anything is saved).
+
+Failure semantics (docs/failure_semantics_draft.md): one run per workdir (WorkdirLock); an
+unreadable latest checkpoint is set aside and the newest readable one resumed; metrics.jsonl
+keeps one history, that of the checkpoint resumed; SIGTERM saves and raises Preempted.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -21,15 +26,21 @@ import numpy as np
 from orbax.checkpoint import multihost as orbax_multihost
 
 from lts_jax import results_table
-from lts_jax.checkpoint import TrainCheckpoints, checkpoint_dir
+from lts_jax.checkpoint import (
+    CheckpointUnreadableError,
+    TrainCheckpoints,
+    checkpoint_dir,
+    error_summary,
+)
 from lts_jax.evaluate import Evaluator, split_names
 from lts_jax.mesh import make_mesh, shard_batch
 from lts_jax.metric_writer import MetricWriter
-from lts_jax.preemption import PreemptionWatcher
+from lts_jax.preemption import Preempted, PreemptionWatcher
 from lts_jax.progress import ProgressBar
 from lts_jax.train_setup import TrainSetup, create_train_setup, low_res_steps, resolve_config
 from lts_jax.train_step import TRAIN_INPUTS, TrainState
-from lts_jax.workdir_config import check_resumable, write_config
+from lts_jax.workdir_config import check_resumable, config_path, write_config
+from lts_jax.workdir_lock import WorkdirLock
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +52,13 @@ Results = dict[str, dict[str, float]]  # {split: {'mIoU', 'oIoU', 'prec@...', 'p
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN/Inf loss or gradient; nothing after the last good save is kept."""
+    """Training produced a NaN/Inf loss, gradient or update; nothing after the last good save
+    is kept."""
+
+
+class RunSetupError(ValueError):
+    """The config cannot run as given (found before training starts); the message says what to
+    change. train.py prints it as one line; other ValueErrors are bugs and keep a traceback."""
 
 
 def _barrier(name: str, timeout_s: int) -> None:
@@ -74,15 +91,28 @@ def prepare_data(config: ml_collections.ConfigDict) -> Any:
     return tokenizer if tokenizer is not None else build()
 
 
-def _check_run(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Batch sizes fit the devices and the workdir holds no other run; records the config."""
+def _check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises RunSetupError for settings that cannot run here (before any slow preparation)."""
+    devices = jax.device_count()
     for name in ("batch_size", "eval_batch_size"):
         size = int(config[name])
-        if size % jax.device_count():
-            raise ValueError(
-                f"config.{name}={size} must be divisible by the number of devices "
-                f"({jax.device_count()} over {jax.process_count()} process(es))"
+        if size % devices:
+            lower, upper = size // devices * devices, (size // devices + 1) * devices
+            choices = f"{lower} or {upper}" if lower else f"{upper}"
+            raise RunSetupError(
+                f"config.{name}={size} is not divisible by the {devices} devices "
+                f"({jax.process_count()} process(es)): every device takes an equal share; "
+                f"set --config.{name} to a multiple of {devices} (e.g. {choices})"
             )
+    try:  # pure checks of config fields, so their ValueErrors are the user's to fix
+        resolve_config(config)
+        low_res_steps(config)
+    except ValueError as err:
+        raise RunSetupError(str(err)) from None
+
+
+def _check_run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """The workdir holds no run of a different config; records the config."""
     check_resumable(workdir, config)
     if jax.process_index() == 0:
         write_config(workdir, config)
@@ -107,11 +137,13 @@ class _PendingMetrics:
         steps = [s for s, _ in self._items]
         host = jax.device_get([m for _, m in self._items])
         self._items = []
+        checked = ("loss", "grad_norm", "update_norm")
         for step, m in zip(steps, host, strict=True):
-            checked = ("loss", "grad_norm", "update_norm")
-            if not all(np.isfinite(m[k]) for k in checked):
+            bad = [k for k in checked if not np.isfinite(m[k])]
+            if bad:
                 values = ", ".join(f"{k}={float(m[k])}" for k in checked)
-                raise NonFiniteLossError(f"Non-finite loss at step {step}: {values}")
+                raise NonFiniteLossError(
+                    f"Non-finite {' and '.join(bad)} at step {step} ({values})")
         summary = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
         summary["learning_rate"] = float(host[-1]["learning_rate"])
         return summary
@@ -155,10 +187,11 @@ class _Run:
         try:
             return self.pending.flush()
         except NonFiniteLossError as err:
-            raise NonFiniteLossError(
-                f"{err}. Training stopped; the last good checkpoint is step "
-                f"{self.store.latest_step()} in {self.store.directory}."
-            ) from None
+            latest = self.store.latest_step()
+            saved = (f"the last good checkpoint is step {latest} in {self.store.directory}"
+                     if latest is not None else
+                     f"no checkpoint has been saved yet in {self.store.directory}")
+            raise NonFiniteLossError(f"{err}. Training stopped; {saved}.") from None
 
 
 def _log(run: _Run, step: int) -> None:
@@ -194,20 +227,64 @@ def _save(run: _Run, step: int, state: TrainState, metrics: Mapping[str, float] 
 
 
 def _restore_or_init(setup: TrainSetup, store: TrainCheckpoints, train_iter: Any,
-                     workdir: str) -> tuple[TrainState, int]:
-    """(state, step): the latest checkpoint (moving ``train_iter`` to its position), or a
-    fresh state at step 0."""
-    latest = store.latest_step()
-    if latest is None:
+                     workdir: str, *, expect_checkpoint: bool) -> tuple[TrainState, int]:
+    """(state, step): the newest readable checkpoint (moving ``train_iter`` to its position),
+    or a fresh state at step 0.
+
+    Steps newer than the one resumed could not be read: they are set aside (moved, never
+    deleted), so they are neither resumed, nor kept as the best, nor left in the way of the
+    steps this run saves again. ``expect_checkpoint``: the workdir held a run (config.json).
+    """
+    steps = sorted(store.all_steps(), reverse=True)
+    if not steps:
+        if expect_checkpoint:
+            logger.warning("%s has a config.json but no checkpoint in %s: starting from step 0 "
+                           "(metrics.jsonl is cut back to match)", workdir,
+                           checkpoint_dir(workdir))
         return setup.init_state(str(setup.config.init.visual_weights)), 0
-    state = store.restore(latest, setup.abstract_state(), data_iterator=train_iter)
-    logger.info("Resumed from %s at step %d", checkpoint_dir(workdir), latest)
-    return state, int(latest)
+    abstract = setup.abstract_state()
+    unreadable: list[tuple[int, Exception]] = []
+    for step in steps:
+        try:
+            state = store.restore(step, abstract, data_iterator=train_iter)
+            break
+        # Any error: the same code and target restore the older steps, so a failure that
+        # an older step does not share lies in this step's files.
+        except Exception as err:
+            logger.warning("Checkpoint step %d in %s is unreadable (%s); trying the one before",
+                           step, store.directory, error_summary(err))
+            unreadable.append((step, err))
+    else:
+        first, err = unreadable[0]
+        raise CheckpointUnreadableError(
+            f"no checkpoint in {store.directory} can be restored (steps "
+            f"{', '.join(map(str, steps))}; step {first}: {error_summary(err)}); if other code "
+            "or another model wrote them, use a new --workdir; if they are damaged, move "
+            f"{store.directory} away to start over from step 0"
+        ) from err
+    if unreadable:
+        _set_aside(store, [s for s, _ in unreadable], resumed=step)
+    logger.info("Resumed from %s at step %d", checkpoint_dir(workdir), step)
+    return state, int(step)
+
+
+def _set_aside(store: TrainCheckpoints, steps: list[int], *, resumed: int) -> None:
+    """Moves unreadable ``steps`` out of the checkpoint directory (process 0, once every
+    process is done reading them) and makes every process forget them."""
+    _barrier("lts_unreadable_read", 600)
+    if jax.process_index() == 0:
+        for step in steps:
+            target = store.set_aside(step)
+            logger.warning("Checkpoint step %d is unreadable: moved to %s (kept for inspection; "
+                           "delete it when done). Resuming from step %d.", step, target, resumed)
+    _barrier("lts_unreadable_moved", 600)
+    store.reload()
 
 
 @contextlib.contextmanager
 def _open_run(config: ml_collections.ConfigDict, workdir: str, setup: TrainSetup,
-              tokenizer: Any) -> Iterator[tuple[_Run, TrainState, int]]:
+              tokenizer: Any, *, expect_checkpoint: bool
+              ) -> Iterator[tuple[_Run, TrainState, int]]:
     """Opens checkpoints, data, logs and the progress bar; restores or initialises."""
     from lts_jax.input_pipeline import create_train_loader  # deferred: TFDS/grain
 
@@ -218,8 +295,11 @@ def _open_run(config: ml_collections.ConfigDict, workdir: str, setup: TrainSetup
         train_iter = stack.enter_context(contextlib.closing(create_train_loader(
             config, tokenizer, process_index=jax.process_index(),
             process_count=jax.process_count(), seed=int(config.seed))))
-        state, start_step = _restore_or_init(setup, store, train_iter, workdir)
-        writer = stack.enter_context(contextlib.closing(MetricWriter(workdir, enabled=is_chief)))
+        state, start_step = _restore_or_init(setup, store, train_iter, workdir,
+                                             expect_checkpoint=expect_checkpoint)
+        # Records after start_step belong to steps this run trains again.
+        writer = stack.enter_context(contextlib.closing(
+            MetricWriter(workdir, enabled=is_chief, resume_step=start_step)))
         bar = stack.enter_context(contextlib.closing(
             ProgressBar(int(config.num_train_steps), start_step, enabled=is_chief)))
         evaluator = Evaluator(config, setup.model, setup.mesh, tokenizer)
@@ -230,22 +310,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
     """Trains ``config`` in ``workdir`` (resuming if it holds a run) and evaluates it.
 
     Returns {split: {'mIoU', 'oIoU', 'prec@...', 'pairs'}} for every eval split at the end
-    of training, or {} when stopped early by SIGTERM (after saving a checkpoint).
+    of training. Raises Preempted when stopped early by SIGTERM (after saving a checkpoint),
+    RunSetupError for a config that cannot run here, WorkdirLockedError when another run
+    holds the workdir, CheckpointUnreadableError when no checkpoint can be read back.
     """
+    _check_config(config)
+    # Process 0 locks for all: every process of a run shares the workdir.
+    with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Results:
+    expect_checkpoint = os.path.exists(config_path(workdir))  # before _check_run writes it
     tokenizer = prepare_data(config)
     config = resolve_config(config, tokenizer.vocab_size)
     _check_run(config, workdir)
     setup = create_train_setup(config, make_mesh())
     total_steps, splits = int(config.num_train_steps), split_names(config.data.eval_splits)
-    with (_open_run(config, workdir, setup, tokenizer) as (run, state, start_step),
+    with (_open_run(config, workdir, setup, tokenizer, expect_checkpoint=expect_checkpoint)
+          as (run, state, start_step),
           PreemptionWatcher() as watcher):
         _log_start(state, start_step, total_steps, int(config.batch_size))
         low_steps = low_res_steps(config)
         for step in range(start_step + 1, total_steps + 1):  # ``step``: the one trained now
             if watcher.should_stop(step - 1):
                 _save(run, step - 1, state)
-                run.bar.write(f"SIGTERM: saved step {step - 1} in {run.store.directory}")
-                return {}
+                raise Preempted(step - 1, run.store.directory)
             batch = next(run.train_iter)
             batch = shard_batch({k: batch[k] for k in TRAIN_INPUTS}, setup.mesh)
             state, metrics = setup.step_fn(step)(state, batch, setup.dropout_rng)
