@@ -24,6 +24,8 @@ from typing import Any
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 _TB_UNSAFE = re.compile(r"[^A-Za-z0-9_./-]")
+# Recorded in metrics.jsonl but not drawn as TensorBoard curves (a count, not a metric).
+NOT_CURVES = ("pairs",)
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +66,17 @@ class MetricWriter:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         for tag, value in tagged.items():
+            if tag.rsplit("/", 1)[-1] in NOT_CURVES:
+                continue
             # TensorBoard tag names allow [A-Za-z0-9_.-/]: 'prec@0.5' -> 'prec_0.5'.
             self._tb.add_scalar(_TB_UNSAFE.sub("_", tag), value, int(step))
+        self._tb.flush()
+
+    def write_image(self, step: int, tag: str, image: Any) -> None:
+        """A uint8 [H, W, 3] picture under ``tag`` in TensorBoard (not in metrics.jsonl)."""
+        if not self.enabled:
+            return
+        self._tb.add_image(_TB_UNSAFE.sub("_", tag), image, int(step), dataformats="HWC")
         self._tb.flush()
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from orbax.checkpoint import multihost as orbax_multihost
 
-from lts_jax import results_table
+from lts_jax import progress_images, results_table
 from lts_jax.checkpoint import (
     CheckpointUnreadableError,
     TrainCheckpoints,
@@ -181,6 +181,9 @@ class _Run:
     evaluator: Evaluator
     pending: _PendingMetrics = dataclasses.field(default_factory=_PendingMetrics)
     throughput: _Throughput = dataclasses.field(default_factory=_Throughput)
+    # {split: (pair ids, expressions)} drawn at each evaluation (progress_images).
+    progress_pairs: dict[str, tuple[list[int], list[str]]] = dataclasses.field(
+        default_factory=dict)
 
     def flush(self) -> dict[str, float] | None:
         """The pending metrics' summary; a non-finite loss also names the last good save."""
@@ -214,7 +217,24 @@ def _evaluate(run: _Run, step: int, state: TrainState, splits: list[str]) -> Res
         run.writer.write_scalars(step, metrics, prefix=split)
         run.bar.write(f"step {step} {split}: mIoU {metrics['mIoU']:.4f} "
                       f"oIoU {metrics['oIoU']:.4f} ({int(metrics['pairs'])} pairs)")
+    if run.writer.enabled and splits:
+        _draw_progress(run, step, variables, splits[0])
     return results
+
+
+def _draw_progress(run: _Run, step: int, variables: Any, split: str) -> None:
+    """The same few pairs of ``split`` at every evaluation, as a TensorBoard image."""
+    from lts_jax.evaluate import pair_infos
+
+    if split not in run.progress_pairs:
+        infos = pair_infos(run.config, split)
+        ids = progress_images.progress_pair_ids(len(infos))
+        run.progress_pairs[split] = (ids, [infos[i].expression for i in ids])
+    ids, expressions = run.progress_pairs[split]
+    if ids:
+        picture = progress_images.draw_progress(run.evaluator, variables, split, ids,
+                                                expressions)
+        run.writer.write_image(step, f"{split}/pairs", picture)
 
 
 def _save(run: _Run, step: int, state: TrainState, metrics: Mapping[str, float] | None = None
@@ -326,7 +346,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resu
     config = resolve_config(config, tokenizer.vocab_size)
     _check_run(config, workdir)
     setup = create_train_setup(config, make_mesh())
-    total_steps, splits = int(config.num_train_steps), split_names(config.data.eval_splits)
+    total_steps = int(config.num_train_steps)
+    splits = split_names(config.data.eval_splits, config)
     with (_open_run(config, workdir, setup, tokenizer, expect_checkpoint=expect_checkpoint)
           as (run, state, start_step),
           PreemptionWatcher() as watcher):

@@ -166,8 +166,12 @@ def test_train_and_evaluate_outputs(full_run):
                 "train/grad_norm", "train/steps_per_sec", "train/images_per_sec"):
         assert np.isfinite(last[key]), key
     assert any(r["step"] == 4 and "validation/oIoU" in r for r in records)
-    assert any(f.startswith("events.out.tfevents")
-               for f in os.listdir(os.path.join(workdir, "tensorboard")))
+    scalars, images = _tensorboard_tags(os.path.join(workdir, "tensorboard"))
+    assert {"train/loss", "validation/mIoU", "validation/prec_0.5"} <= scalars
+    assert "validation/pairs" not in scalars  # a count, not a curve
+    # The fixed validation pairs drawn at the evaluation (step 4) as one PNG.
+    ((step, png),) = images["validation/pairs"]
+    assert step == 4 and png.startswith(b"\x89PNG")
     assert os.path.exists(os.path.join(workdir, "eval_results.md"))
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
         saved = json.load(f)
@@ -176,6 +180,32 @@ def test_train_and_evaluate_outputs(full_run):
     store = TrainCheckpoints(workdir, read_only=True)
     assert store.all_steps() == [2, 4] and store.best_step() == 4
     store.close()
+
+
+def _tensorboard_tags(logdir: str) -> tuple[set[str], dict[str, list[tuple[int, bytes]]]]:
+    """(scalar tags, {image tag: [(step, encoded image)]}) of the event files in ``logdir``
+    (TFRecord framing: length, its CRC, the Event proto, its CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: set[str] = set()
+    images: dict[str, list[tuple[int, bytes]]] = {}
+    for name in sorted(os.listdir(logdir)):
+        with open(os.path.join(logdir, name), "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("image"):
+                    images.setdefault(value.tag, []).append(
+                        (event.step, value.image.encoded_image_string))
+                else:
+                    scalars.add(value.tag)
+    return scalars, images
 
 
 def test_sigterm_saves_and_rerun_resumes_bit_identically(full_run, data_dir, tmp_path,
