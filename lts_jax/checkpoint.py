@@ -4,7 +4,8 @@ Each step directory holds three items:
   'variables'   {'params', 'batch_stats'}            (StandardSave; all inference needs)
   'train_state' {'opt_state', 'step'}                (StandardSave)
   'data'        the grain train-iterator state       (grain.checkpoint.CheckpointSave; one
-                JSON file per process, so every process resumes its own data stream)
+                JSON file per process; restorable on another process count, see
+                DataIteratorHandler)
 and, for steps that were evaluated, Orbax's metrics file (validation oIoU, mIoU, ...).
 
 Kept: the last ``keep`` checkpoints plus the one with the best validation oIoU. Saves are
@@ -20,6 +21,7 @@ readable one; inference stops with CheckpointUnreadableError, one line saying wh
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -88,6 +90,52 @@ def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
     )
 
 
+def _process_index_and_count() -> tuple[int, int]:
+    return jax.process_index(), jax.process_count()
+
+
+class DataIteratorHandler(grain.checkpoint.CheckpointHandler):
+    """grain's handler (one JSON state file per process), restorable on another process count.
+
+    The train iterator's state is the position in the global batch stream, the same in every
+    process (input_pipeline.TrainIterator; each process reads its own rows of every global
+    batch). A run saved by N processes resumes on M: a process without its own file takes
+    process 0's, after checking that all saved files agree.
+    """
+
+    def restore(self, directory: Any, item: Any = None, args: Any = None) -> Any:
+        item = item if item is not None else args.item
+        index, count = _process_index_and_count()
+        if (directory / f"process_{index}-of-{count}.json").exists():
+            return super().restore(directory, item=item)
+        saved = sorted(directory.glob("process_*-of-*.json"))
+        states = {f.read_text() for f in saved}
+        if len(states) != 1:
+            found = ", ".join(f.name for f in saved) or "no state files"
+            raise ValueError(f"{directory}: cannot resume the data stream on {count} "
+                             f"process(es) from {found} (the saved states differ or are "
+                             "missing); resume with the process count that saved it")
+        item.set_state(states.pop().encode())
+        item.start_prefetch()
+        return item
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    """Saves a grain-checkpointable iterator with DataIteratorHandler."""
+
+    item: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    """Restores a grain-checkpointable iterator (in place) with DataIteratorHandler."""
+
+    item: Any
+
+
 class TrainCheckpoints:
     """An Orbax CheckpointManager for the train state, the data iterator and eval metrics."""
 
@@ -118,7 +166,7 @@ class TrainCheckpoints:
         handlers = {
             "variables": ocp.StandardCheckpointHandler(),
             "train_state": ocp.StandardCheckpointHandler(),
-            "data": grain.checkpoint.CheckpointHandler(),
+            "data": DataIteratorHandler(),
         }
         quiet = _quiet_read_only_notice() if read_only else contextlib.nullcontext()
         with quiet:
@@ -160,7 +208,7 @@ class TrainCheckpoints:
             ),
         }
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            items["data"] = DataSave(data_iterator)
         saved = self._manager.save(
             step, args=ocp.args.Composite(**items), metrics=metrics, force=True
         )
@@ -183,7 +231,7 @@ class TrainCheckpoints:
             ),
         }
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            items["data"] = DataRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return {**restored["variables"], **restored["train_state"]}
 

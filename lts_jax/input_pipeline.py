@@ -257,7 +257,10 @@ class TrainIterator(Iterator[Batch]):
 
     def set_state(self, state: bytes) -> None:
         parsed = json.loads(bytes(state).decode())
-        if parsed.get("fingerprint") != self._fingerprint:
+        saved = dict(parsed.get("fingerprint") or {})
+        for legacy in ("process_index", "process_count"):  # in states saved before they
+            saved.pop(legacy, None)  # were dropped (they never changed the global stream)
+        if saved != self._fingerprint:
             raise ValueError("iterator state comes from a different pipeline: saved "
                              f"{parsed.get('fingerprint')}, this one {self._fingerprint}")
         self.close()
@@ -289,9 +292,10 @@ def make_train_iterator(source: Any, tokenizer: Tokenizer, *, global_batch_size:
                             max_text_len=max_text_len, seed=seed, decode_fn=decode_fn,
                             process_index=process_index, process_count=process_count,
                             flip=flip, photometric=photometric, num_epochs=num_epochs)
-    # What fixes the stream at a given batch index; a state from another stream is refused.
+    # What fixes the global stream at a given batch index; a state from another stream is
+    # refused. Not the process index or count: every process count slices the same global
+    # batches, so a run may resume on another number of processes.
     fingerprint = {"num_objects": len(source), "global_batch_size": global_batch_size,
-                   "process_index": process_index, "process_count": process_count,
                    "seed": int(seed)}
     return TrainIterator(batches, worker_count=worker_count, num_threads=num_threads,
                          fingerprint=fingerprint)

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from lts_jax import checkpoint
 from lts_jax.checkpoint import (
     UNREADABLE_DIR,
     CheckpointUnreadableError,
@@ -90,6 +91,27 @@ def test_restore_onto_fewer_devices_and_iterator_state(tmp_path):
         for leaf in jax.tree.leaves(restored):
             assert leaf.sharding.mesh.devices.size == len(devices)
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), expected)
+    store.close()
+
+
+def test_data_state_restores_on_another_process_count(tmp_path, monkeypatch):
+    """Saved by one process (process_0-of-1.json), restored as process 1 of 2: it takes the
+    saved global position; saved files that disagree are refused, naming them."""
+    mesh = make_mesh()
+    it = CountingIterator()
+    for _ in range(5):
+        next(it)
+    store = TrainCheckpoints(str(tmp_path), keep=2)
+    store.save(3, _state(3, mesh), data_iterator=it)
+    target = abstract_like(jax.eval_shape(lambda: _state(3, mesh)), replicated(mesh))
+    monkeypatch.setattr(checkpoint, "_process_index_and_count", lambda: (1, 2))
+    fresh = CountingIterator()
+    store.restore(3, target, data_iterator=fresh)
+    assert fresh.position == 5
+    data = tmp_path / "checkpoints" / "3" / "data"
+    (data / "process_1-of-1.json").write_text(json.dumps({"position": 9}))
+    with pytest.raises(ValueError, match=r"process_0-of-1\.json, process_1-of-1\.json"):
+        store.restore(3, target, data_iterator=CountingIterator())
     store.close()
 
 

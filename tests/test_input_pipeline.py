@@ -7,6 +7,7 @@ batch can be traced back to its (object, expression).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -169,6 +170,29 @@ def test_orbax_checkpoint_round_trip(tok, tmp_path):
         fresh = _train(tok)
         mngr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
     _assert_same([next(fresh) for _ in range(3)], expected)
+
+
+def test_state_restores_on_another_process_count(tok):
+    """A state saved by 1 process resumes on 2 (and back): each process continues with its
+    rows of the same global batches, and a state from before process fields left the
+    fingerprint still loads."""
+    single = _train(tok)
+    next(single)
+    state = single.get_state()
+    expected = [_objects(next(single)) for _ in range(3)]
+    pair = [_train(tok, process_index=p, process_count=2) for p in range(2)]
+    for it in pair:
+        it.set_state(state)
+    got = [sorted(_objects(next(pair[0])) + _objects(next(pair[1]))) for _ in range(3)]
+    assert got == [sorted(b) for b in expected]
+    back = _train(tok)
+    back.set_state(pair[1].get_state())
+    assert back.batches_consumed == 4
+    legacy = json.loads(state)
+    legacy["fingerprint"].update(process_index=0, process_count=1)
+    old = _train(tok)
+    old.set_state(json.dumps(legacy).encode())
+    assert _objects(next(old)) == expected[0]
 
 
 def test_state_of_another_pipeline_is_refused(tok):

@@ -1,10 +1,12 @@
-"""Multi-process training: 1 process x 4 devices and 2 processes x 2 devices give the same run.
+"""Multi-process training: a run started on 1 process resumes on 2 and matches a 1-process run.
 
-Three ``train.py`` processes run the tiny RefShapes config side by side on CPU: the reference
-(one process, 4 simulated devices) and a pair joined by ``jax.distributed`` (gloo collectives
-over 127.0.0.1, 2 devices each, global batch split between them). Both runs see the same
-global batches, so every step's loss, the checkpoints and the final evaluation must agree up
-to all-reduce rounding.
+``train.py`` processes run the tiny RefShapes config on CPU. The reference trains 4 steps in
+one process (4 simulated devices). Beside it, another single process trains the first 2 steps
+of the same run (same learning-rate schedule, ``optim.schedule_steps=4``) and saves; then a
+pair joined by ``jax.distributed`` (gloo collectives over 127.0.0.1, 2 devices each, the
+global batch split between them) resumes that workdir for steps 3 and 4. The data stream is
+the same under any process count, so every step's loss, the checkpoints and the final
+evaluation must agree up to all-reduce rounding.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def _saved_steps(workdir: Path) -> list[int]:
     return sorted(int(n) for n in names if n.isdigit())
 
 
-def test_one_process_4_devices_and_two_processes_2_devices_agree(tmp_path_factory, tmp_path):
+def test_resume_on_two_processes_matches_one_uninterrupted_process(tmp_path_factory, tmp_path):
     data_dir = tiny_data_dir(tmp_path_factory)
     load_tokenizer(tiny_config(data_dir))  # data and tokenizer ready: no run builds them
     single, multi = tmp_path / "single", tmp_path / "multi"
@@ -129,11 +131,16 @@ def test_one_process_4_devices_and_two_processes_2_devices_agree(tmp_path_factor
     start = time.monotonic()
     try:
         runs.start("single", _train_command(data_dir, single), _env(4))
-        for i in range(2):
-            flags = ["--multiprocess", f"--coordinator_address=127.0.0.1:{port}",
-                     "--num_processes=2", f"--process_id={i}"]
-            runs.start(f"process{i}", _train_command(data_dir, multi, *flags), _env(2))
+        runs.start("first_half", _train_command(data_dir, multi, "--config.num_train_steps=2",
+                                                "--config.optim.schedule_steps=4"), _env(4))
         failure = runs.wait(TIMEOUT_S)
+        if failure is None:
+            for i in range(2):
+                flags = ["--multiprocess", f"--coordinator_address=127.0.0.1:{port}",
+                         "--num_processes=2", f"--process_id={i}",
+                         "--config.optim.schedule_steps=4"]
+                runs.start(f"process{i}", _train_command(data_dir, multi, *flags), _env(2))
+            failure = runs.wait(TIMEOUT_S)
     finally:
         runs.kill()
     assert failure is None, runs.report(failure)
@@ -152,8 +159,12 @@ def test_one_process_4_devices_and_two_processes_2_devices_agree(tmp_path_factor
     for key in ("mIoU", "oIoU"):
         np.testing.assert_allclose(mp_evals[key], evals[key], rtol=0, atol=2e-3,
                                    err_msg=f"{key}\n{context}")
-    # Both processes wrote the checkpoints together, each with its own data-iterator state.
-    assert _saved_steps(multi) == _saved_steps(single) == [4], context
+    # The single process saved step 2; both processes wrote step 4 together, each with its
+    # own data-iterator state.
+    assert _saved_steps(single) == [4] and _saved_steps(multi) == [2, 4], context
+    data_dir_2 = multi / "checkpoints" / "2" / "data"
     data_dir_4 = multi / "checkpoints" / "4" / "data"
+    assert sorted(n for n in os.listdir(data_dir_2) if n.endswith(".json")) == [
+        "process_0-of-1.json"], context
     data_files = sorted(n for n in os.listdir(data_dir_4) if n.endswith(".json"))
     assert data_files == ["process_0-of-2.json", "process_1-of-2.json"], context
