@@ -71,6 +71,7 @@ class ProgressBar:
         self._step = initial_step
         self._rate = SyncedRate(clock)
         self._postfix: dict[str, str] = {}
+        self._previous_rate: SyncedRate | None = None
 
     def update(self, step: int, scalars: Mapping[str, float] | None = None) -> None:
         """Moves the bar to ``step`` (absolute). ``scalars`` (given at log steps, after a host
@@ -82,6 +83,10 @@ class ProgressBar:
             self._rate.mark(step)
             postfix = {k: f"{v:.4g}" for k, v in scalars.items()}
             rate, eta = self._rate.rate(), self._rate.eta(self._total)
+            if rate is None and self._previous_rate is not None:
+                # Until the new rate is measured, the previous one beats '?'.
+                rate = self._previous_rate.rate()
+                eta = None if rate is None else (self._total - step) / rate
             postfix["rate"] = "?" if rate is None else f"{rate:.3g} step/s"
             postfix["eta"] = "?" if eta is None else format_duration(eta)
             self._bar.set_postfix(postfix, refresh=True)
@@ -89,6 +94,7 @@ class ProgressBar:
     def restart_rate(self) -> None:
         """Measures the rate afresh from the next synchronised point (the step got cheaper or
         dearer, e.g. after progressive resizing; the interval holding its compile is left out)."""
+        self._previous_rate = self._rate
         self._rate = SyncedRate(self._rate._clock)
 
     def write(self, message: str) -> None:

@@ -48,3 +48,21 @@ def test_format_duration():
     assert format_duration(5) == "0:05"
     assert format_duration(65) == "1:05"
     assert format_duration(3725) == "1:02:05"
+
+
+def test_restart_rate_measures_the_new_step_cost_leaving_out_its_compile():
+    """After progressive resizing the step costs more: the rate is measured afresh (the
+    interval holding the new compile left out), showing the old one until then."""
+    clock = FakeClock()
+    bar = ProgressBar(100, enabled=False, clock=clock)
+    for step, now in ((10, 10.0), (20, 12.0)):  # 5 steps/s at the low resolution
+        clock.now = now
+        bar.update(step, {"loss": 1.0})
+    bar.restart_rate()
+    clock.now = 40.0  # includes the full-size compile
+    bar.update(30, {"loss": 0.9})
+    assert "rate=5 step/s" in bar._bar.postfix and "eta=0:14" in bar._bar.postfix
+    clock.now = 45.0
+    bar.update(40, {"loss": 0.8})
+    assert "rate=2 step/s" in bar._bar.postfix and "eta=0:30" in bar._bar.postfix
+    bar.close()
