@@ -42,3 +42,34 @@ def test_eval_config_file_not_found(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "eval.py: error: --config: no such file 'configs/nope.py'" in result.stderr
     assert "refshapes.py" in result.stderr and "base.py" not in result.stderr
+
+
+def test_eval_multiprocess_flags_join_with_gloo_like_train(tmp_path):
+    """eval.py --distributed (and --multiprocess) goes through cli.start as train.py does:
+    gloo collectives on CPU, then jax.distributed.initialize with the coordinator flags."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import jax\n"
+        "calls = []\n"
+        "jax.distributed.initialize = lambda **kw: calls.append(kw)\n"
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('eval_cli', {str(REPO / 'eval.py')!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "from absl import flags\n"
+        "argv = flags.FLAGS(sys.argv)\n"
+        "from lts_jax import cli\n"
+        "cli.start(argv)\n"
+        "print(jax.config.jax_cpu_collectives_implementation, calls)\n"
+    )
+    for flag in ("--distributed", "--multiprocess"):
+        result = subprocess.run(
+            [sys.executable, str(script), "--workdir=/nonexistent", flag,
+             "--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=1"],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+            env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == ("gloo [{'coordinator_address': '127.0.0.1:1234', "
+                                         "'num_processes': 2, 'process_id': 1}]")
