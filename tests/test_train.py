@@ -382,6 +382,16 @@ def train_cli(monkeypatch):
 
     from absl import flags
 
+    # Flags another test module defined in this process (bench/train_step.py's --config) are
+    # set aside while train.py defines its own, and put back afterwards.
+    taken = {}
+    for name in ("config", "workdir"):
+        if name in flags.FLAGS:
+            taken[name] = flags.FLAGS[name]
+            for derived in [n for n in flags.FLAGS if n.startswith(f"{name}.")]:
+                taken[derived] = flags.FLAGS[derived]
+                delattr(flags.FLAGS, derived)
+            delattr(flags.FLAGS, name)
     before = set(flags.FLAGS)
     spec = importlib.util.spec_from_file_location("train_cli", os.path.join(REPO, "train.py"))
     module = importlib.util.module_from_spec(spec)
@@ -395,6 +405,8 @@ def train_cli(monkeypatch):
         flags.FLAGS.unparse_flags()
         for name in set(flags.FLAGS) - before:
             delattr(flags.FLAGS, name)
+        for name, flag in taken.items():
+            flags.FLAGS[name] = flag
 
 
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections
