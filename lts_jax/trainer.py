@@ -5,7 +5,7 @@ so a killed or preempted run continues exactly where it stopped. Host syncs happ
 log, eval and checkpoint steps: metrics of the steps in between stay on device until then,
 which is also when they are checked for NaN/Inf (before anything is saved).
 
-Failure semantics (docs/failure_semantics_draft.md): one run per workdir (WorkdirLock); an
+Failure semantics (README, "Failure and resume semantics"): one run per workdir (WorkdirLock); an
 unreadable latest checkpoint is set aside and the newest readable one resumed; metrics.jsonl
 keeps one history, that of the checkpoint resumed; SIGTERM saves and raises Preempted.
 """

@@ -14,10 +14,10 @@ byte-range locks); some cluster filesystems (Lustre) need the ``flock`` mount op
 
 from __future__ import annotations
 
-import fcntl
 import os
-import socket
 from types import TracebackType
+
+from tfds_refcoco.build_lock import HolderLock, LockHeldError
 
 LOCK_NAME = ".lock"
 
@@ -34,27 +34,19 @@ class WorkdirLock:
         self.workdir = os.fspath(workdir)
         self.path = os.path.join(self.workdir, LOCK_NAME)
         self.enabled = enabled
-        self._fd: int | None = None
+        self._lock = HolderLock(self.path)
 
     def __enter__(self) -> WorkdirLock:
         if not self.enabled:
             return self
-        os.makedirs(self.workdir, exist_ok=True)
-        # Its own open file description (flock is per description), closed on exec.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
-            os.close(fd)
+            self._lock.acquire()
+        except LockHeldError as held:
             raise WorkdirLockedError(
                 f"workdir {self.workdir} is in use by another training run "
-                f"({holder or 'holder unknown'}; lock {self.path}); wait for it to finish or "
-                "stop it, or pass another --workdir"
+                f"({held.holder or 'holder unknown'}; lock {self.path}); wait for it to finish "
+                "or stop it, or pass another --workdir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode(), 0)
-        self._fd = fd
         return self
 
     def __exit__(
@@ -63,8 +55,4 @@ class WorkdirLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        self._lock.release()

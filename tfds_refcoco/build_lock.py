@@ -25,6 +25,48 @@ LOCK_NAME = ".build.lock"
 INCOMPLETE_PREFIX = "incomplete."  # tensorflow_datasets.core.constants.INCOMPLETE_PREFIX
 
 
+class LockHeldError(RuntimeError):
+    """``HolderLock.acquire`` found the lock held; ``holder`` is what its holder wrote."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder or "holder unknown")
+        self.holder = holder
+
+
+class HolderLock:
+    """An exclusive, non-blocking ``fcntl.flock`` on ``path`` with "pid N on host H" written
+    inside, so a refusal can name the holder. Shared by the build lock here and the training
+    workdir lock (lts_jax/workdir_lock.py)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Takes the lock, or raises LockHeldError at once (never waits)."""
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        # Its own open file description (flock is per description), not inherited by
+        # workers or exec'd children.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise LockHeldError(holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Empties the file and drops the lock (idempotent)."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
 class BuildLockedError(RuntimeError):
     """Another live process is building the same config into the same data_dir."""
 
@@ -39,23 +81,16 @@ class BuildLock:
     def __init__(self, config_dir: str | os.PathLike, what: str) -> None:
         self.path = Path(config_dir) / LOCK_NAME
         self.what = what
-        self._fd: int | None = None
+        self._lock = HolderLock(self.path)
 
     def __enter__(self) -> BuildLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by workers
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
-            os.close(fd)
+            self._lock.acquire()
+        except LockHeldError as held:
             raise BuildLockedError(
-                f"{self.what}: another build is running ({holder}, lock {self.path}); "
-                "wait for it to finish, then run again (it will reuse that build)"
+                f"{self.what}: another build is running ({held.holder or 'unknown'}, lock "
+                f"{self.path}); wait for it to finish, then run again (it will reuse that build)"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode(), 0)
-        self._fd = fd
         return self
 
     def __exit__(
@@ -64,11 +99,7 @@ class BuildLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        self._lock.release()
 
 
 def remove_stale_incomplete(config_dir: str | os.PathLike) -> list[Path]:
