@@ -175,6 +175,22 @@ def time_transform(config: ml_collections.ConfigDict, batch: Any, steps: int) ->
     return statistics.fmean(times) * 1e3
 
 
+def _time_steps(compiled: Any, state: Any, batch: Any, rng: Any, warmup: int, steps: int
+                ) -> tuple[Any, Any, list[float]]:
+    """(state, last metrics, seconds per step): ``warmup`` untimed steps, then ``steps`` timed
+    ones, each waited for. The state is donated, so each call rebinds it."""
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch, rng)
+        jax.block_until_ready((state, metrics))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch, rng)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    return state, metrics, times
+
+
 def run_benchmark(
     config: ml_collections.ConfigDict,
     steps: int = 20,
@@ -216,15 +232,7 @@ def run_benchmark(
         ), "lowered for CPU"
     compiled_flops_per_step = flops_of(compiled) * num_devices
 
-    for _ in range(warmup):
-        state, metrics = compiled(state, batch, dropout_rng)  # state is donated: rebind it
-        jax.block_until_ready((state, metrics))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch, dropout_rng)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
+    state, metrics, times = _time_steps(compiled, state, batch, dropout_rng, warmup, steps)
     loss = float(metrics["loss"])
     transform_ms = time_transform(config, batch, steps)
     low_res = _low_res_figures(setup, state, batch, steps, compiler_options)
@@ -284,14 +292,7 @@ def _low_res_figures(setup: Any, state: Any, batch: Any, steps: int,
             (state, batch, setup.dropout_rng),
             train_inputs_fn(int(setup.config.data.low_res_image_size)))
     compiled = lowered.compile(compiler_options=compiler_options)
-    state, metrics = compiled(state, batch, setup.dropout_rng)
-    jax.block_until_ready((state, metrics))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch, setup.dropout_rng)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
+    _, _, times = _time_steps(compiled, state, batch, setup.dropout_rng, 1, steps)
     return {"low_res_image_size": int(setup.config.data.low_res_image_size),
             "low_res_steps": low_res_steps(setup.config),
             "low_res_flops_per_step": flops,
