@@ -11,6 +11,8 @@ python3 -m venv .venv
 python -m pip install -q --upgrade pip
 python -m pip install -q -r requirements.txt
 # Builds data/tfds/refcoco_masks/refshapes (seconds), trains, evaluates every split, prints the table.
-python train.py --config configs/refshapes.py --workdir "$WORKDIR" "$@"
+# --cpu_devices=auto: on a CPU-only machine, one single-threaded JAX device per core (faster
+# than one multi-threaded device; README, Benchmarks); GPU/TPU runs ignore it.
+python train.py --config configs/refshapes.py --workdir "$WORKDIR" --cpu_devices=auto "$@"
 # The same checkpoint with expressions shuffled within each batch: how much it relies on language.
-python eval.py --workdir "$WORKDIR" --shuffle_expressions
+python eval.py --workdir "$WORKDIR" --shuffle_expressions --cpu_devices=auto

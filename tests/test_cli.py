@@ -73,3 +73,60 @@ def test_eval_multiprocess_flags_join_with_gloo_like_train(tmp_path):
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == ("gloo [{'coordinator_address': '127.0.0.1:1234', "
                                          "'num_processes': 2, 'process_id': 1}]")
+
+
+@pytest.mark.parametrize("value, batch_sizes, cores, expected", [
+    ("3", (), 2, 3),
+    ("auto", (), 2, 2),
+    ("auto", (32, 64), 6, 4),  # 6 and 5 do not divide 32: the largest count <= 6 that does
+    ("auto", (32, 64), 1, 1),
+    (" AUTO ", (9,), 4, 3),
+])
+def test_cpu_devices_counts(monkeypatch, value, batch_sizes, cores, expected):
+    from lts_jax import cli
+
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: set(range(cores)),
+                        raising=False)
+    assert cli.parse_cpu_devices(value, batch_sizes) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", ""])
+def test_cpu_devices_mistakes_name_the_flag(value):
+    from absl import app
+
+    from lts_jax import cli
+
+    with pytest.raises(app.UsageError, match="--cpu_devices="):
+        cli.parse_cpu_devices(value)
+
+
+def test_train_cpu_devices_splits_the_cpu_into_single_threaded_devices(tmp_path):
+    """--cpu_devices=auto on train.py: one CPU device per core (capped by the batch) before
+    JAX starts, each with XLA's multi-threaded Eigen off; an XLA_FLAGS choice is kept."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "os.sched_getaffinity = lambda pid: set(range(3))\n"  # 3 cores: 32 needs 2
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('train_cli', {str(REPO / 'train.py')!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "from absl import flags\n"
+        "argv = flags.FLAGS(sys.argv)\n"
+        "from lts_jax import cli\n"
+        "cli.start(argv)\n"
+        "import jax\n"
+        "print(jax.device_count(), os.environ.get('XLA_FLAGS'))\n"
+    )
+    for extra, flags_out in (({}, "--xla_cpu_multi_thread_eigen=false"),
+                             ({"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=true"},
+                              "--xla_cpu_multi_thread_eigen=true")):
+        result = subprocess.run(
+            [sys.executable, str(script), "--workdir=/nonexistent", "--cpu_devices=auto",
+             "--config=" + str(REPO / "configs" / "refshapes.py"), "--config.batch_size=32",
+             "--config.eval_batch_size=64"],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+            env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", **extra})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"2 {flags_out}"

@@ -189,6 +189,10 @@ def test_num_taps_covers_the_widest_downscale():
 
 
 def test_default_method_follows_the_measurements_on_cpu():
-    # jax runs on the CPU in the tests: dense weights only where there is no downscale.
+    # jax runs on the CPU in the tests: dense weights for small canvases (RefShapes' 96 px,
+    # downscaled or not), gathers for large ones (COCO's 640 px).
     assert transform.default_method(96, 96) == "matmul"
+    assert transform.default_method(96, 64) == "matmul"
+    assert transform.default_method(128, 64) == "matmul"
     assert transform.default_method(640, 416) == "gather"
+    assert transform.default_method(192, 96) == "gather"
