@@ -20,6 +20,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from tfds_refcoco.workers import default_num_workers
+
 FLAGS = flags.FLAGS
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -151,8 +153,7 @@ def parse_cpu_devices(value: str, batch_sizes: Sequence[int] = ()) -> int:
     """The device count --cpu_devices asks for: a positive integer, or 'auto': the cores this
     process may use, lowered until it divides every one of ``batch_sizes``."""
     if value.strip().lower() == "auto":
-        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
+        count = default_num_workers()
         while count > 1 and any(size % count for size in batch_sizes):
             count -= 1
         return count

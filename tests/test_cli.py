@@ -18,6 +18,26 @@ def _run(script: str, *args: str, workdir: Path) -> subprocess.CompletedProcess:
                           env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
 
 
+def _start_probe(tmp_path: Path, command: str, *, before: str, after: str) -> Path:
+    """A script that runs ``before``, loads ``command``'s flags, parses its argv, calls
+    cli.start as the command's main does, then runs ``after``."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        + before +
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('probed', {str(REPO / command)!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "from absl import flags\n"
+        "argv = flags.FLAGS(sys.argv)\n"
+        "from lts_jax import cli\n"
+        "cli.start(argv)\n"
+        + after)
+    return script
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--config=configs/nope.py"], "train.py: error: --config: no such file 'configs/nope.py'; "
      "the configs are in "),
@@ -47,23 +67,11 @@ def test_eval_config_file_not_found(tmp_path):
 def test_eval_multiprocess_flags_join_with_gloo_like_train(tmp_path):
     """eval.py --distributed (and --multiprocess) goes through cli.start as train.py does:
     gloo collectives on CPU, then jax.distributed.initialize with the coordinator flags."""
-    script = tmp_path / "probe.py"
-    script.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
-        "import jax\n"
-        "calls = []\n"
-        "jax.distributed.initialize = lambda **kw: calls.append(kw)\n"
-        "import importlib.util\n"
-        f"spec = importlib.util.spec_from_file_location('eval_cli', {str(REPO / 'eval.py')!r})\n"
-        "module = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(module)\n"
-        "from absl import flags\n"
-        "argv = flags.FLAGS(sys.argv)\n"
-        "from lts_jax import cli\n"
-        "cli.start(argv)\n"
-        "print(jax.config.jax_cpu_collectives_implementation, calls)\n"
-    )
+    script = _start_probe(
+        tmp_path, "eval.py",
+        before="import jax\ncalls = []\n"
+               "jax.distributed.initialize = lambda **kw: calls.append(kw)\n",
+        after="print(jax.config.jax_cpu_collectives_implementation, calls)\n")
     for flag in ("--distributed", "--multiprocess"):
         result = subprocess.run(
             [sys.executable, str(script), "--workdir=/nonexistent", flag,
@@ -103,22 +111,10 @@ def test_cpu_devices_mistakes_name_the_flag(value):
 def test_train_cpu_devices_splits_the_cpu_into_single_threaded_devices(tmp_path):
     """--cpu_devices=auto on train.py: one CPU device per core (capped by the batch) before
     JAX starts, each with XLA's multi-threaded Eigen off; an XLA_FLAGS choice is kept."""
-    script = tmp_path / "probe.py"
-    script.write_text(
-        "import os, sys\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
-        "os.sched_getaffinity = lambda pid: set(range(3))\n"  # 3 cores: 32 needs 2
-        "import importlib.util\n"
-        f"spec = importlib.util.spec_from_file_location('train_cli', {str(REPO / 'train.py')!r})\n"
-        "module = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(module)\n"
-        "from absl import flags\n"
-        "argv = flags.FLAGS(sys.argv)\n"
-        "from lts_jax import cli\n"
-        "cli.start(argv)\n"
-        "import jax\n"
-        "print(jax.device_count(), os.environ.get('XLA_FLAGS'))\n"
-    )
+    script = _start_probe(
+        tmp_path, "train.py",
+        before="import os\nos.sched_getaffinity = lambda pid: set(range(3))\n",  # 32 needs 2
+        after="import jax\nprint(jax.device_count(), os.environ.get('XLA_FLAGS'))\n")
     for extra, flags_out in (({}, "--xla_cpu_multi_thread_eigen=false"),
                              ({"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=true"},
                               "--xla_cpu_multi_thread_eigen=true")):
