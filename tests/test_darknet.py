@@ -2,11 +2,15 @@
 
 from functools import partial
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lts_jax.models.darknet import (
+    IM2COL_MAX_OUTPUT_POSITIONS,
+    Conv,
     DarkNet,
     darknet_channels,
     darknet_conv_specs,
@@ -85,3 +89,37 @@ def test_levels_give_every_stage_and_call_gives_the_last_three() -> None:
     # Same parameters either way: __call__ is levels()[2:].
     for a, b in zip(model.apply(variables, image, train=False), levels[2:], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "size, kernel_size, strides",
+    [(2, 3, 1), (4, 3, 2), (3, 3, 1), (5, 3, 2), (2, 1, 1), (1, 3, 1),  # im2col + matmul
+     (8, 3, 2), (4, 3, 1), (6, 1, 1)],  # 16+ output positions: XLA's convolution
+)
+def test_conv_matches_flax_conv(size: int, kernel_size: int, strides: int) -> None:
+    """Same parameter, same random draw and the same outputs and gradients as nn.Conv with
+    symmetric padding, on both of its paths (tiny outputs run as im2col + matmul)."""
+    x = jax.random.normal(jax.random.key(1), (2, size, size, 5))
+    pad = kernel_size // 2
+    ours = Conv(7, kernel_size, strides)
+    flax_conv = nn.Conv(7, (kernel_size, kernel_size), strides=(strides, strides),
+                        padding=((pad, pad), (pad, pad)), use_bias=False)
+    variables = ours.init(KEY, x)
+    assert jax.tree.structure(variables) == jax.tree.structure(flax_conv.init(KEY, x))
+    np.testing.assert_array_equal(variables["params"]["kernel"],
+                                  flax_conv.init(KEY, x)["params"]["kernel"])
+
+    def loss(module: nn.Module, v: dict, x: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.sin(module.apply(v, x)))
+
+    ours_out = ours.apply(variables, x)
+    assert ours_out.shape == flax_conv.apply(variables, x).shape
+    np.testing.assert_allclose(ours_out, flax_conv.apply(variables, x), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.grad(loss, argnums=(1, 2))(ours, variables, x),
+                    jax.grad(loss, argnums=(1, 2))(flax_conv, variables, x), strict=True):
+        for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(leaf_a, leaf_b, rtol=1e-4, atol=1e-4)
+    # The path: XLA's convolution only above IM2COL_MAX_OUTPUT_POSITIONS output positions.
+    uses_xla_conv = "conv_general_dilated" in str(jax.make_jaxpr(ours.apply)(variables, x))
+    tiny = ours_out.shape[1] * ours_out.shape[2] <= IM2COL_MAX_OUTPUT_POSITIONS
+    assert uses_xla_conv != tiny
