@@ -305,16 +305,17 @@ def test_progressive_resizing_trains_the_first_steps_small(data_dir, tmp_path, m
 
     monkeypatch.setattr(train_setup, "train_inputs_fn", recording_inputs_fn)
     monkeypatch.setattr(train_setup, "make_train_step", recording_step)
-    config = tiny_config(data_dir, num_train_steps=3, eval_every=3, checkpoint_every=3,
+    # full_run's steps and schedule: its init, 64x64 step and evaluation are compile-cache hits.
+    config = tiny_config(data_dir, checkpoint_every=4,
                          data__low_res_image_size=32, data__low_res_steps=2)
     setup = train_setup.create_train_setup(
         train_setup.resolve_config(config, int(config.data.vocab_size)), make_mesh())
     assert setup.step_fn(1) is setup.step_fn(2) is setup.low_res_train_step
-    assert setup.step_fn(3) is setup.train_step
+    assert setup.step_fn(3) is setup.step_fn(4) is setup.train_step
     calls.clear()
     jitted.clear()
     results = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
-    assert calls == [32, 32, 64]
+    assert calls == [32, 32, 64, 64]
     assert [fn._cache_size() for fn in jitted] == [1, 1]
     assert 0.0 <= results["validation"]["mIoU"] <= 1.0
     for name in ("low_res_image_size", "low_res_steps"):
