@@ -5,10 +5,10 @@ Builds the data from a seed, trains the 'small' model and evaluates it::
     python train.py --config configs/refshapes.py --workdir runs/refshapes
 
 1,300 steps at 64x64, then 130 at 96x96: the main job took 11.7 minutes on a 2-core AVX2-only
-EPYC (earlier configs: about 9 on a 2-core AVX-512 one); 87-93% validation mIoU depending on
-the seed and the device count (README, "What the main job gives"). The decoder
-departs from the paper's: mask logits at stride 2 with C1/C2 skips (README, "What the main
-job gives"); the RefCOCO configs keep the paper's stride-4 decoder.
+EPYC (earlier configs: about 9 on a 2-core AVX-512 one); 87-92% validation mIoU depending on
+the seed (86.9-91.5 for seeds 0-2) and the device count (README, "What the main job
+gives"). The decoder departs from the paper's: mask logits at stride 2 with C1/C2 skips
+(README, "What the main job gives"); the RefCOCO configs keep the paper's stride-4 decoder.
 
 ``configs/refshapes.py:tiny`` (alias ``:test``) is the few-second variant used by the tests:
 tiny model, 64x64 images, a handful of steps. Any field can be overridden, e.g.
@@ -71,8 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 2 if tiny else 50
     # One evaluation, at the end (the reported checkpoint is the last one either way).
     config.eval_every = 4 if tiny else 1430
-    # Every 500 steps (about 2.5 minutes here): each save stops training for 3-11 s on a
-    # 2-core CPU; a SIGTERM still saves the step it stops at.
+    # Every 500 steps (under 3 minutes on a 2-core AVX2 CPU): each save stops training for
+    # 3-11 s there; a SIGTERM still saves the step it stops at.
     config.checkpoint_every = 2 if tiny else 500
     config.keep_checkpoints = 2
     config.threshold = 0.5

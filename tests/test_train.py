@@ -305,7 +305,8 @@ def test_progressive_resizing_trains_the_first_steps_small(data_dir, tmp_path, m
 
     monkeypatch.setattr(train_setup, "train_inputs_fn", recording_inputs_fn)
     monkeypatch.setattr(train_setup, "make_train_step", recording_step)
-    # full_run's steps and schedule: its init, 64x64 step and evaluation are compile-cache hits.
+    # full_run's step count and learning-rate schedule, so that the session's compile cache
+    # can serve the programs the two runs share.
     config = tiny_config(data_dir, checkpoint_every=4,
                          data__low_res_image_size=32, data__low_res_steps=2)
     setup = train_setup.create_train_setup(
