@@ -49,6 +49,9 @@ def base_config(model_variant: str) -> ml_collections.ConfigDict:
     config.data.train_split = "train"
     config.data.eval_splits = "validation"
     config.data.num_workers = 0
+    # Keep each training example decoded in memory after its first use (the whole train split
+    # ends up there, ~36 kB per RefShapes object): for small datasets only. Same batches.
+    config.data.cache_decoded = False
     config.data.flip = False
     config.data.photometric = False
     # RefShapes only: images generated (0 = the generator's default size).

@@ -23,6 +23,7 @@ from ml_collections import config_flags
 from tfds_refcoco.workers import default_num_workers
 
 FLAGS = flags.FLAGS
+COMPILATION_CACHE_DIR = "compilation_cache"
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -31,6 +32,11 @@ def define_flags(*, config: str | None, multiprocess: bool, workdir_help: str) -
     multi-process flags when ``multiprocess``."""
     flags.DEFINE_string("workdir", None, workdir_help)
     flags.mark_flag_as_required("workdir")
+    flags.DEFINE_bool(
+        "compilation_cache", True,
+        f"Keep compiled XLA programs in <workdir>/{COMPILATION_CACHE_DIR} (JAX's persistent "
+        "compilation cache), so eval.py, predict.py, demo.py and resumed runs of the same "
+        "model skip recompiling. JAX_COMPILATION_CACHE_DIR, if set, names the place instead.")
     if config is not None:
         config_flags.DEFINE_config_file("config", None, config, lock_config=True)
     if multiprocess:
@@ -136,6 +142,8 @@ def start(argv: list[str]) -> None:
         batch_sizes = [] if config is None else [
             int(config[k]) for k in ("batch_size", "eval_batch_size") if k in config]
         use_cpu_devices(parse_cpu_devices(FLAGS.cpu_devices, batch_sizes))
+    if FLAGS.compilation_cache:
+        use_compilation_cache(os.path.join(FLAGS.workdir, COMPILATION_CACHE_DIR))
     if "multiprocess" in FLAGS and (FLAGS.multiprocess or FLAGS.distributed):
         # Cross-process collectives on CPU need gloo; GPU/TPU ignore this setting.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -180,6 +188,19 @@ def use_cpu_devices(count: int) -> None:
     if count > 1 and "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_cpu_multi_thread_eigen=false").strip()
+
+
+def use_compilation_cache(path: str) -> None:
+    """Turns on JAX's persistent compilation cache in ``path`` (created at the first compile
+    worth keeping, >= 1 s), unless JAX already has a cache directory.
+
+    Entries hold machine code for this CPU; XLA:CPU's loader refuses one compiled for
+    features the CPU lacks and JAX then compiles afresh (jax-ml/jax#38445 shows that check,
+    and that some AVX-512 Intel CPUs refuse even their own entries, which costs only the
+    cache's benefit). Measured on a 2-core AVX-512 EPYC: the main job's eval.py 19.6 -> 15.3 s.
+    """
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", path)
 
 
 def fail(err: Exception) -> NoReturn:

@@ -154,6 +154,12 @@ class _TrainBatch:
     batch_size: int
     process_index: int
     process_count: int
+    # {object index: decoded example}, filled as objects are first drawn, when the source is
+    # small enough to keep decoded (config.data.cache_decoded): later epochs then skip the
+    # record parsing and JPEG/PNG decoding, most of the host's work per batch. Per process
+    # (each grain worker keeps its own); two read threads may both decode an object the first
+    # time, which costs a decode, not a difference.
+    cache: dict[int, dict[str, Any]] | None = None
 
     def __call__(self, batch_index: int) -> Batch:
         b, c, length = self.batch_size, self.canvas_size, self.max_text_len
@@ -168,11 +174,19 @@ class _TrainBatch:
             self._fill(out, row, first + row)
         return out
 
+    def _decoded(self, obj: int) -> dict[str, Any]:
+        if self.cache is None:
+            return self.decode_fn(self.source[obj])
+        ex = self.cache.get(obj)
+        if ex is None:
+            ex = self.cache[obj] = self.decode_fn(self.source[obj])
+        return ex
+
     def _fill(self, out: Batch, row: int, position: int) -> None:
         rng = np.random.default_rng([self.seed, position])
         epoch, index = divmod(position, len(self.source))
         obj = int(_epoch_order(self.shuffle_seed, len(self.source), epoch)[index])
-        ex = self.decode_fn(self.source[obj])
+        ex = self._decoded(obj)
         expressions = ex["expressions"]
         text = expressions[int(rng.integers(len(expressions)))]
         h, w = ex["mask"].shape
@@ -193,13 +207,16 @@ class _TrainBatch:
 def train_batches(source: Any, tokenizer: Tokenizer, *, batch_size: int, canvas_size: int,
                   max_text_len: int, seed: int, decode_fn: DecodeFn = _identity,
                   process_index: int = 0, process_count: int = 1, flip: bool = False,
-                  photometric: bool = False, num_epochs: int | None = None) -> grain.MapDataset:
+                  photometric: bool = False, num_epochs: int | None = None,
+                  cache_decoded: bool = False) -> grain.MapDataset:
     """MapDataset of this process's training batches (batch_size is per process).
 
     source: random-access (len, __getitem__) of raw examples; decode_fn turns one into the
     decoded dict of CONTRACTS.md (identity for an in-memory source of decoded dicts).
     num_epochs=None repeats forever. Batches may span an epoch boundary. Rows hold canvases;
     ``transform.train_inputs`` (inside the train step) letterboxes, flips and jitters them.
+    cache_decoded keeps every decoded example in memory once drawn (the whole split ends up
+    there: only for small datasets such as RefShapes); the batches are the same either way.
     """
     _check_process(process_index, process_count)
     if len(source) == 0:
@@ -208,7 +225,7 @@ def train_batches(source: Any, tokenizer: Tokenizer, *, batch_size: int, canvas_
     positions = sys.maxsize if num_epochs is None else len(source) * num_epochs
     make = _TrainBatch(source, shuffle_seed, decode_fn, tokenizer, canvas_size,
                        max_text_len, flip, photometric, aug_seed, batch_size, process_index,
-                       process_count)
+                       process_count, {} if cache_decoded else None)
     # Every process yields the same number of batches: whole global batches only.
     return grain.MapDataset.range(positions // (batch_size * process_count)).map(make)
 
@@ -285,13 +302,15 @@ def make_train_iterator(source: Any, tokenizer: Tokenizer, *, global_batch_size:
                         decode_fn: DecodeFn = _identity, process_index: int = 0,
                         process_count: int = 1, flip: bool = False, photometric: bool = False,
                         worker_count: int = 0, num_threads: int = 2,
-                        num_epochs: int | None = None) -> TrainIterator:
+                        num_epochs: int | None = None, cache_decoded: bool = False
+                        ) -> TrainIterator:
     """Checkpointable training iterator over explicit arguments (see train_batches)."""
     batch_size = per_process_batch_size(global_batch_size, process_count)
     batches = train_batches(source, tokenizer, batch_size=batch_size, canvas_size=canvas_size,
                             max_text_len=max_text_len, seed=seed, decode_fn=decode_fn,
                             process_index=process_index, process_count=process_count,
-                            flip=flip, photometric=photometric, num_epochs=num_epochs)
+                            flip=flip, photometric=photometric, num_epochs=num_epochs,
+                            cache_decoded=cache_decoded)
     # What fixes the global stream at a given batch index; a state from another stream is
     # refused. Not the process index or count: every process count slices the same global
     # batches, so a run may resume on another number of processes.
@@ -443,7 +462,7 @@ def create_train_loader(config: Any, tokenizer: Tokenizer, *, process_index: int
         max_text_len=data.max_text_len, seed=config.seed if seed is None else seed,
         decode_fn=records.decode_example, process_index=process_index,
         process_count=process_count, flip=data.flip, photometric=data.photometric,
-        worker_count=data.num_workers)
+        worker_count=data.num_workers, cache_decoded=bool(data.get("cache_decoded", False)))
 
 
 @functools.lru_cache(maxsize=32)

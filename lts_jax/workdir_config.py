@@ -32,6 +32,7 @@ RESUME_SAFE_FIELDS = (
     "data.manual_dir",
     "data.eval_splits",
     "data.num_workers",
+    "data.cache_decoded",  # where decoded examples come from, not which
     "model.dtype",  # compute dtype only: parameters are float32 either way
     "init.",  # only used for a fresh start
 )

@@ -126,3 +126,31 @@ def test_train_cpu_devices_splits_the_cpu_into_single_threaded_devices(tmp_path)
             env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", **extra})
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == f"2 {flags_out}"
+
+
+@pytest.mark.parametrize("command, flags", [("train.py", ["--config=" + TINY]),
+                                            ("eval.py", []), ("predict.py", ["--out=predictions"])])
+def test_compiled_programs_are_kept_in_the_workdir(tmp_path, command, flags):
+    """JAX's persistent compilation cache goes to <workdir>/compilation_cache (so eval.py
+    reuses what train.py compiled), unless --nocompilation_cache or JAX_COMPILATION_CACHE_DIR
+    says otherwise."""
+    script = _start_probe(
+        tmp_path, command, before="",
+        after="import jax, jax.numpy as jnp\n"
+              "print(jax.config.jax_compilation_cache_dir)\n"
+              "jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()\n")
+    workdir = tmp_path / "run"
+    env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # keep even a tiny program
+    for args, extra, expected in (
+            ([], {}, str(workdir / "compilation_cache")),
+            (["--nocompilation_cache"], {}, "None"),
+            ([], {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "mine")}, str(tmp_path / "mine"))):
+        result = subprocess.run([sys.executable, str(script), f"--workdir={workdir}", *flags,
+                                 *args],
+                                cwd=REPO, capture_output=True, text=True, timeout=120,
+                                env={**env, **extra})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == expected
+    for cache in (workdir / "compilation_cache", tmp_path / "mine"):
+        assert len([p for p in cache.iterdir() if p.name.startswith("jit__lambda-")]) == 1

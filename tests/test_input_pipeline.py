@@ -139,6 +139,31 @@ def test_train_is_deterministic_in_seed_and_varies_expressions(tok):
     assert len(picks[2]) > 1 and len(picks[5]) > 1 and len(picks[0]) == 1
 
 
+def test_cache_decoded_gives_the_same_batches_and_decodes_each_object_once(tok):
+    calls: list[int] = []
+
+    def decode(ex: dict) -> dict:
+        calls.append(int(ex["image"][0, 0, 0]) // 10)
+        return ex
+
+    kw = dict(batch_size=4, canvas_size=MAX_ORIG, max_text_len=L, seed=0, flip=True,
+              photometric=True, decode_fn=decode)
+    plain = ip.train_batches(SOURCE, tok, **kw)
+    expected = [plain[i] for i in range(3 * 4)]  # 4 epochs, read in order (no threads)
+    assert len(calls) == 4 * NUM_OBJECTS
+    calls.clear()
+    cached = ip.train_batches(SOURCE, tok, cache_decoded=True, **kw)
+    _assert_same([cached[i] for i in range(3 * 4)], expected)
+    assert sorted(calls) == list(range(NUM_OBJECTS))  # once each, in the first epoch
+    # Through the checkpointable iterator (grain's read threads), fresh and restored.
+    it = _train(tok, flip=True, photometric=True, cache_decoded=True)
+    _assert_same([next(it) for _ in range(6)], expected[:6])
+    state = it.get_state()
+    restored = _train(tok, flip=True, photometric=True, cache_decoded=True)
+    restored.set_state(state)
+    _assert_same([next(restored) for _ in range(6)], expected[6:])
+
+
 def test_train_state_restore_is_exact_across_worker_counts(tok):
     it = _train(tok, flip=True, photometric=True)
     for _ in range(3):
