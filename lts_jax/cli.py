@@ -9,12 +9,13 @@ command defines its own flags next to these, then calls ``start(argv)`` first th
 
 from __future__ import annotations
 
+import inspect
 import logging as py_logging
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import jax
 from absl import app, flags, logging
@@ -135,6 +136,7 @@ def start(argv: list[str]) -> None:
     """Refuses stray arguments, sets up logging and, if asked, joins the other processes."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _quiet_abandoned_reads()
     if logging.get_verbosity() <= logging.INFO:  # unless --verbosity asks for debug output
         logging.get_absl_handler().addFilter(_OwnInfoOnly())
     if "cpu_devices" in FLAGS and FLAGS.cpu_devices is not None:
@@ -206,3 +208,37 @@ def use_compilation_cache(path: str) -> None:
 def fail(err: Exception) -> NoReturn:
     """Exits with status 1 and '<command>: error: <err>' on stderr (no traceback)."""
     raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {err}") from err
+
+
+def _is_closed_loop_error(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+class _NoUnretrievedTaskErrors(py_logging.Filter):
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Task exception was never retrieved")
+
+
+def _quiet_abandoned_reads() -> None:
+    """Drops the tracebacks of checkpoint reads that a failed restore abandoned.
+
+    When one read of a damaged checkpoint fails, Orbax gives up on the restore while
+    TensorStore completes its other reads: each then posts to a closed asyncio loop ('Event
+    loop is closed'), or leaves a coroutine or task whose exception nobody retrieves, and every
+    one prints a traceback around the command's one-line error (tests/test_train.py,
+    test_restore_falls_back_past_an_unreadable_latest_checkpoint). Only those kinds are
+    dropped; this project runs no asyncio code of its own, and everything else is printed.
+    """
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def quiet_excepthook(exc_type: Any, exc: Any, tb: Any) -> None:
+        if not _is_closed_loop_error(exc):
+            excepthook(exc_type, exc, tb)
+
+    def quiet_unraisablehook(unraisable: Any) -> None:
+        if not (_is_closed_loop_error(unraisable.exc_value)
+                or inspect.iscoroutine(unraisable.object)):
+            unraisablehook(unraisable)
+
+    sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+    py_logging.getLogger("asyncio").addFilter(_NoUnretrievedTaskErrors())

@@ -154,3 +154,39 @@ def test_compiled_programs_are_kept_in_the_workdir(tmp_path, command, flags):
         assert result.stdout.strip() == expected
     for cache in (workdir / "compilation_cache", tmp_path / "mine"):
         assert len([p for p in cache.iterdir() if p.name.startswith("jit__lambda-")]) == 1
+
+
+def test_abandoned_checkpoint_reads_print_nothing_but_other_errors_do(tmp_path):
+    """What a failed restore leaves behind (TensorStore callbacks hitting a closed asyncio
+    loop, coroutines and tasks collected with their exceptions) stays out of the output;
+    any other uncaught or unraisable error is still printed."""
+    script = _start_probe(tmp_path, "eval.py", before="", after=(
+        "import asyncio, gc, sys, types\n"
+        "sys.excepthook(RuntimeError, RuntimeError('Event loop is closed'), None)\n"
+        "@types.coroutine\n"
+        "def pause():\n"
+        "    yield\n"
+        "async def read():\n"
+        "    try:\n"
+        "        await pause()\n"
+        "    finally:\n"
+        "        raise OSError('abandoned read')\n"
+        "coro = read()\n"
+        "coro.send(None)\n"  # suspended; closing it at collection raises
+        "del coro\n"
+        "loop = asyncio.new_event_loop()\n"
+        "task = loop.create_task(read())\n"
+        "loop.run_until_complete(asyncio.sleep(0))\n"
+        "task.cancel()\n"
+        "loop.run_until_complete(asyncio.sleep(0))\n"  # the task ends with the OSError
+        "loop.close()\n"
+        "del task\n"
+        "gc.collect()\n"
+        "sys.excepthook(ValueError, ValueError('a real error'), None)\n"))
+    result = subprocess.run([sys.executable, str(script), f"--workdir={tmp_path}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120,
+                            env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert "ValueError: a real error" in result.stderr
+    for quiet in ("Event loop is closed", "abandoned read", "never retrieved", "never awaited"):
+        assert quiet not in result.stderr, result.stderr
