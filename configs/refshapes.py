@@ -5,10 +5,11 @@ Builds the data from a seed, trains the 'small' model and evaluates it::
     python train.py --config configs/refshapes.py --workdir runs/refshapes
 
 1,300 steps at 64x64, then 130 at 96x96: the main job took 11.7 minutes on a 2-core AVX2-only
-EPYC (earlier configs: about 9 on a 2-core AVX-512 one); 87-92% validation mIoU depending on
-the seed (86.9-91.5 for seeds 0-2) and the device count (README, "What the main job
-gives"). The decoder departs from the paper's: mask logits at stride 2 with C1/C2 skips
-(README, "What the main job gives"); the RefCOCO configs keep the paper's stride-4 decoder.
+EPYC (before the decoded-example and compilation caches) and 5.6 on a 2-core AVX-512 one;
+87-92% validation mIoU depending on the seed (86.9-91.5 for seeds 0-2) and the device count
+(README, "What the main job gives"). The decoder departs from the paper's: mask logits at
+stride 2 with C1/C2 skips (same section); the RefCOCO configs keep the paper's stride-4
+decoder.
 
 ``configs/refshapes.py:tiny`` (alias ``:test``) is the few-second variant used by the tests:
 tiny model, 64x64 images, a handful of steps. Any field can be overridden, e.g.
