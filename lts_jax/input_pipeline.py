@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -450,6 +451,28 @@ def make_eval_loader(source: Any, tokenizer: Tokenizer, *, global_batch_size: in
 # Config-level entry points (config schema: docs/CONTRACTS.md)
 
 
+class DecodedCacheTooLargeError(ValueError):
+    """config.data.cache_decoded asks to keep more decoded examples than this machine holds."""
+
+
+def check_decoded_cache_fits(num_objects: int, canvas_size: int,
+                             memory_bytes: int | None = None) -> None:
+    """Refuses config.data.cache_decoded when the decoded split could fill over half of memory.
+
+    Counts the bound per object, a full canvas of RGB pixels plus a one-byte mask: RefShapes
+    (2,949 objects on a 96 canvas) comes to 0.11 GB, RefCOCO (about 120,000 on 640) to 197 GB.
+    """
+    if memory_bytes is None:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    bound = num_objects * canvas_size * canvas_size * 4
+    if bound > memory_bytes // 2:
+        raise DecodedCacheTooLargeError(
+            f"config.data.cache_decoded: the {num_objects:,} training objects could take up to "
+            f"{bound / 1e9:.1f} GB decoded (canvas {canvas_size}), more than half of this "
+            f"machine's {memory_bytes / 1e9:.1f} GB; set --config.data.cache_decoded=false "
+            "(it is meant for small datasets such as RefShapes)")
+
+
 def create_train_loader(config: Any, tokenizer: Tokenizer, *, process_index: int = 0,
                         process_count: int = 1, seed: int | None = None) -> TrainIterator:
     """Infinite, checkpointable iterator of this process's training batches."""
@@ -457,12 +480,15 @@ def create_train_loader(config: Any, tokenizer: Tokenizer, *, process_index: int
 
     data = config.data
     source = records.data_source(records.configured_dataset(data), data.train_split, data.data_dir)
+    cache_decoded = bool(data.get("cache_decoded", False))
+    if cache_decoded:
+        check_decoded_cache_fits(len(source), int(data.canvas_size))
     return make_train_iterator(
         source, tokenizer, global_batch_size=config.batch_size, canvas_size=data.canvas_size,
         max_text_len=data.max_text_len, seed=config.seed if seed is None else seed,
         decode_fn=records.decode_example, process_index=process_index,
         process_count=process_count, flip=data.flip, photometric=data.photometric,
-        worker_count=data.num_workers, cache_decoded=bool(data.get("cache_decoded", False)))
+        worker_count=data.num_workers, cache_decoded=cache_decoded)
 
 
 @functools.lru_cache(maxsize=32)

@@ -306,15 +306,22 @@ def _open_run(config: ml_collections.ConfigDict, workdir: str, setup: TrainSetup
               tokenizer: Any, *, expect_checkpoint: bool
               ) -> Iterator[tuple[_Run, TrainState, int]]:
     """Opens checkpoints, data, logs and the progress bar; restores or initialises."""
-    from lts_jax.input_pipeline import create_train_loader  # deferred: TFDS/grain
+    from lts_jax.input_pipeline import (  # deferred: TFDS/grain
+        DecodedCacheTooLargeError,
+        create_train_loader,
+    )
 
     is_chief = jax.process_index() == 0
     with contextlib.ExitStack() as stack:
         store = stack.enter_context(contextlib.closing(
             TrainCheckpoints(workdir, keep=int(config.keep_checkpoints))))
-        train_iter = stack.enter_context(contextlib.closing(create_train_loader(
-            config, tokenizer, process_index=jax.process_index(),
-            process_count=jax.process_count(), seed=int(config.seed))))
+        try:
+            loader = create_train_loader(config, tokenizer, process_index=jax.process_index(),
+                                         process_count=jax.process_count(),
+                                         seed=int(config.seed))
+        except DecodedCacheTooLargeError as err:
+            raise RunSetupError(str(err)) from None
+        train_iter = stack.enter_context(contextlib.closing(loader))
         state, start_step = _restore_or_init(setup, store, train_iter, workdir,
                                              expect_checkpoint=expect_checkpoint)
         # Records after start_step belong to steps this run trains again.

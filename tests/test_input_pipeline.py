@@ -164,6 +164,16 @@ def test_cache_decoded_gives_the_same_batches_and_decodes_each_object_once(tok):
     _assert_same([next(restored) for _ in range(6)], expected[6:])
 
 
+def test_cache_decoded_is_refused_when_the_split_could_fill_memory():
+    ip.check_decoded_cache_fits(2949, 96, memory_bytes=24 * 10**9)  # RefShapes: 0.11 GB
+    with pytest.raises(ip.DecodedCacheTooLargeError,
+                       match=r"config.data.cache_decoded: the 120,000 training objects could "
+                             r"take up to 196.6 GB decoded \(canvas 640\), more than half of "
+                             r"this machine's 24.0 GB; set --config.data.cache_decoded=false"):
+        ip.check_decoded_cache_fits(120_000, 640, memory_bytes=24 * 10**9)
+    ip.check_decoded_cache_fits(1000, 640)  # 1.6 GB: fits the machine running the tests
+
+
 def test_train_state_restore_is_exact_across_worker_counts(tok):
     it = _train(tok, flip=True, photometric=True)
     for _ in range(3):

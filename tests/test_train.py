@@ -377,6 +377,25 @@ def test_batch_size_not_divisible_by_devices_is_a_one_line_setup_error(tmp_path)
     assert not (tmp_path / "no_data").exists()  # refused before any data preparation
 
 
+def test_decoded_cache_too_large_for_the_machine_is_a_setup_error(data_dir, tmp_path,
+                                                                   monkeypatch):
+    from lts_jax import input_pipeline
+
+    sizes, check = [], input_pipeline.check_decoded_cache_fits
+
+    def too_small_machine(num_objects, canvas_size, memory_bytes=None):
+        sizes.append((num_objects, canvas_size))
+        check(num_objects, canvas_size, memory_bytes=1)
+
+    monkeypatch.setattr(input_pipeline, "check_decoded_cache_fits", too_small_machine)
+    config = tiny_config(data_dir, data__cache_decoded=True)
+    with pytest.raises(train_lib.RunSetupError, match="--config.data.cache_decoded=false"):
+        train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    assert sizes and sizes[0][1] == config.data.canvas_size
+    assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(
+        tmp_path / "run" / "checkpoints")  # nothing trained or saved
+
+
 @pytest.fixture
 def train_cli(monkeypatch):
     """train.py imported as a module, its flags parsed; they are removed again afterwards."""
