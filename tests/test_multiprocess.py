@@ -11,6 +11,7 @@ the final evaluation must agree up to all-reduce rounding.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -122,8 +123,6 @@ def _saved_steps(workdir: Path) -> list[int]:
 
 
 def test_resume_on_two_processes_matches_one_uninterrupted_process(tmp_path_factory, tmp_path):
-    import shutil
-
     data_dir = tiny_data_dir(tmp_path_factory)
     load_tokenizer(tiny_config(data_dir))  # data and tokenizer ready: no run builds them
     single, multi = tmp_path / "single", tmp_path / "multi"
