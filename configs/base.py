@@ -98,6 +98,9 @@ def base_config(model_variant: str) -> ml_collections.ConfigDict:
     config.optim.end_factor = 0.0
     config.optim.clip_norm = 0.0  # global gradient-norm clip; 0 = off
     config.optim.backbone_lr_mult = 0.1  # learning-rate multiplier for the 'visual' subtree
+    # > 0: keep an exponential moving average of the params (decay warmed up over the first
+    # steps) and evaluate, save for inference and export that instead. 0 = off.
+    config.optim.ema_decay = 0.0
 
     config.batch_size = 32  # global, over all processes and devices
     config.eval_batch_size = 32  # global

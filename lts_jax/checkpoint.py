@@ -7,6 +7,9 @@ Each step directory holds three items:
                 JSON file per process; restorable on another process count, see
                 DataIteratorHandler)
 and, for steps that were evaluated, Orbax's metrics file (validation oIoU, mIoU, ...).
+A state with a weight average (``'ema_params'``, config.optim.ema_decay) stores the average as
+the 'variables' params, since that is what inference uses, and the trained params in
+'train_state' as 'params'.
 
 Kept: the last ``keep`` checkpoints plus the one with the best validation oIoU. Saves are
 synchronous: the train step donates its state buffers, so nothing may still be reading them
@@ -34,6 +37,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from lts_jax.mesh import make_mesh, replicated
+from lts_jax.train_step import EMA_KEY
 from lts_jax.workdir_config import read_config
 
 CHECKPOINT_DIR = "checkpoints"
@@ -88,6 +92,23 @@ def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
     )
+
+
+def _split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the 'variables' item, the 'train_state' item) of a train state (see the docstring)."""
+    variables = {k: state[k] for k in VARIABLE_KEYS}
+    train_state = {"opt_state": state["opt_state"], "step": state["step"]}
+    if EMA_KEY in state:
+        variables["params"], train_state["params"] = state[EMA_KEY], state["params"]
+    return variables, train_state
+
+
+def _join_state(variables: dict[str, Any], train_state: dict[str, Any]) -> dict[str, Any]:
+    """The train state back from its two items (inverse of ``_split_state``)."""
+    state = {**variables, **train_state}
+    if "params" in train_state:
+        state[EMA_KEY], state["params"] = variables["params"], train_state["params"]
+    return state
 
 
 def _process_index_and_count() -> tuple[int, int]:
@@ -201,11 +222,10 @@ class TrainCheckpoints:
         """
         if step in self._manager.all_steps():
             return False
+        variables, train_state = _split_state(state)
         items = {
-            "variables": ocp.args.StandardSave({k: state[k] for k in VARIABLE_KEYS}),
-            "train_state": ocp.args.StandardSave(
-                {"opt_state": state["opt_state"], "step": state["step"]}
-            ),
+            "variables": ocp.args.StandardSave(variables),
+            "train_state": ocp.args.StandardSave(train_state),
         }
         if data_iterator is not None:
             items["data"] = DataSave(data_iterator)
@@ -222,18 +242,15 @@ class TrainCheckpoints:
 
         ``data_iterator`` (if given) is set to the saved position in place.
         """
+        variables, train_state = _split_state(abstract_state)
         items = {
-            "variables": ocp.args.StandardRestore(
-                {k: abstract_state[k] for k in VARIABLE_KEYS}
-            ),
-            "train_state": ocp.args.StandardRestore(
-                {"opt_state": abstract_state["opt_state"], "step": abstract_state["step"]}
-            ),
+            "variables": ocp.args.StandardRestore(variables),
+            "train_state": ocp.args.StandardRestore(train_state),
         }
         if data_iterator is not None:
             items["data"] = DataRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return {**restored["variables"], **restored["train_state"]}
+        return _join_state(restored["variables"], restored["train_state"])
 
     def restore_variables(self, step: int, sharding: jax.sharding.Sharding) -> dict[str, Any]:
         """Only {'params', 'batch_stats'} at ``step``, shaped from the checkpoint's metadata."""

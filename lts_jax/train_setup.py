@@ -119,9 +119,10 @@ class TrainSetup:
         return self.train_step
 
     @property
-    def _sizes(self) -> dict[str, int]:
+    def _sizes(self) -> dict[str, Any]:
         data = self.config.data
-        return {"image_size": int(data.image_size), "max_text_len": int(data.max_text_len)}
+        return {"image_size": int(data.image_size), "max_text_len": int(data.max_text_len),
+                "ema": ema_decay(self.config) > 0}
 
     def init_state(self, visual_weights: str = "") -> TrainState:
         """A fresh replicated state; ``visual_weights``: a DarkNet file for 'visual' ('' = none)."""
@@ -148,6 +149,15 @@ def low_res_steps(config: ml_collections.ConfigDict) -> int:
     return steps
 
 
+def ema_decay(config: ml_collections.ConfigDict) -> float:
+    """config.optim.ema_decay (0: no weight average), checked to lie in [0, 1)."""
+    decay = float(config.optim.get("ema_decay", 0.0))
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"config.optim.ema_decay={decay} must be in [0, 1) (0 turns the "
+                         "weight average off; e.g. 0.99 averages about the last 100 steps)")
+    return decay
+
+
 def create_train_setup(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainSetup:
     """Model, optimiser, LTS loss and the jitted train step(s) of a resolved ``config``."""
     from lts_jax.models.model import create_model
@@ -162,12 +172,14 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainSe
                        float(lr_schedule(schedule_steps)))
     loss_fn = make_loss_fn(config.loss)
     inputs_fn = train_inputs_fn(int(config.data.image_size))
-    train_step = make_train_step(model, tx, loss_fn, lr_schedule, mesh, inputs_fn=inputs_fn)
+    decay = ema_decay(config)
+    train_step = make_train_step(model, tx, loss_fn, lr_schedule, mesh, inputs_fn=inputs_fn,
+                                 ema_decay=decay)
     low_res_step = None
     if low_res_steps(config):
         low_res_step = make_train_step(
             model, tx, loss_fn, lr_schedule, mesh,
-            inputs_fn=train_inputs_fn(int(config.data.low_res_image_size)))
+            inputs_fn=train_inputs_fn(int(config.data.low_res_image_size)), ema_decay=decay)
     init_rng, dropout_rng = jax.random.split(jax.random.key(int(config.seed)))
     return TrainSetup(config, mesh, model, tx, lr_schedule, loss_fn, inputs_fn, train_step,
                       init_rng, replicate(dropout_rng, mesh), low_res_step)

@@ -1,9 +1,11 @@
 """The jitted, data-parallel train step and the train-state pytree it updates.
 
-State is an explicit pytree ``{'params', 'batch_stats', 'opt_state', 'step'}``, replicated on
-every device of the mesh; batches are split on the mesh's ``data`` axis. XLA inserts the
-gradient all-reduce, and BatchNorm statistics computed under jit on the global (sharded) batch
-are global statistics. The state argument is donated, so the caller must drop its reference.
+State is an explicit pytree ``{'params', 'batch_stats', 'opt_state', 'step'}`` (plus
+``'ema_params'``, a moving average of the params that evaluation uses, when
+``config.optim.ema_decay`` > 0), replicated on every device of the mesh; batches are split on
+the mesh's ``data`` axis. XLA inserts the gradient all-reduce, and BatchNorm statistics
+computed under jit on the global (sharded) batch are global statistics. The state argument
+is donated, so the caller must drop its reference.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ TrainStepFn = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[st
 # per-example draws; see transform.train_inputs); the rest stays on the host.
 TRAIN_INPUTS = ("image", "mask", "hw", "flip", "photometric", "tokens", "token_mask")
 InputsFn = Callable[[Batch], Batch]
+EMA_KEY = "ema_params"
 
 
 def global_norm(tree: Any) -> jax.Array:
@@ -39,15 +42,32 @@ def global_norm(tree: Any) -> jax.Array:
 
 
 def create_train_state(
-    variables: Mapping[str, Any], tx: optax.GradientTransformation
+    variables: Mapping[str, Any], tx: optax.GradientTransformation, *, ema: bool = False
 ) -> TrainState:
-    """A fresh state at step 0 around ``variables``."""
-    return {
+    """A fresh state at step 0 around ``variables``; ``ema``: with a weight average that
+    starts at the initial params."""
+    state = {
         "params": variables["params"],
         "batch_stats": variables.get("batch_stats", {}),
         "opt_state": tx.init(variables["params"]),
         "step": jnp.zeros((), jnp.int32),
     }
+    if ema:  # a copy: the train step donates both, so they must not share buffers
+        state[EMA_KEY] = jax.tree.map(jnp.copy, variables["params"])
+    return state
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+    """The average's decay when updating after ``step`` (0-based): ``decay``, warmed up as
+    ``(1 + step) / (10 + step)`` (TensorFlow's ExponentialMovingAverage with num_updates) so
+    that a short run's average forgets the random initialisation."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
+def inference_params(state: Mapping[str, Any]) -> Any:
+    """The params evaluation and inference use: the average if the state keeps one."""
+    return state[EMA_KEY] if EMA_KEY in state else state["params"]
 
 
 def init_train_state(
@@ -59,6 +79,7 @@ def init_train_state(
     max_text_len: int,
     mesh: Mesh,
     variables_fn: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ema: bool = False,
 ) -> TrainState:
     """Initialises the model and optimiser directly into replicated arrays on ``mesh``.
 
@@ -66,13 +87,14 @@ def init_train_state(
     of the freshly initialised variables before the optimiser state is built from them.
     """
     def fresh(r: jax.Array) -> TrainState:
-        return create_train_state(init_variables(model, r, image_size, max_text_len), tx)
+        return create_train_state(init_variables(model, r, image_size, max_text_len), tx,
+                                  ema=ema)
 
     if variables_fn is None:
         return _run_once(fresh, rng, mesh)
     variables = _run_once(lambda r: init_variables(model, r, image_size, max_text_len), rng, mesh)
     variables = variables_fn(jax.device_get(variables))
-    return _run_once(lambda v: create_train_state(v, tx), variables, mesh)
+    return _run_once(lambda v: create_train_state(v, tx, ema=ema), variables, mesh)
 
 
 def _run_once(fn: Callable[[Any], Any], arg: Any, mesh: Mesh) -> Any:
@@ -92,10 +114,12 @@ def abstract_train_state(
     *,
     image_size: int,
     max_text_len: int,
+    ema: bool = False,
 ) -> TrainState:
     """Shapes and dtypes of the state (no computation); used to restore checkpoints."""
     return jax.eval_shape(
-        lambda r: create_train_state(init_variables(model, r, image_size, max_text_len), tx),
+        lambda r: create_train_state(init_variables(model, r, image_size, max_text_len), tx,
+                                     ema=ema),
         jax.random.key(0),
     )
 
@@ -107,6 +131,7 @@ def make_train_step(
     learning_rate_fn: optax.Schedule,
     mesh: Mesh,
     inputs_fn: InputsFn | None = None,
+    ema_decay: float = 0.0,
 ) -> TrainStepFn:
     """``step(state, batch, rng) -> (state, metrics)``, jitted over ``mesh`` with donation.
 
@@ -118,6 +143,9 @@ def make_train_step(
     the same numbers as an uninterrupted one. Metrics are replicated scalars: the loss parts,
     'loss', 'grad_norm' (before clipping), 'update_norm' and 'learning_rate' (the base rate at
     this step).
+
+    ``ema_decay`` > 0 (the state must then hold ``'ema_params'``): after each update the
+    average moves towards the new params by ``1 - ema_decay_at(step, ema_decay)``.
     """
 
     def step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict]:
@@ -142,12 +170,16 @@ def make_train_step(
             state["params"]
         )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
         new_state = {
-            "params": optax.apply_updates(state["params"], updates),
+            "params": params,
             "batch_stats": batch_stats,
             "opt_state": opt_state,
             "step": state["step"] + 1,
         }
+        if ema_decay > 0:
+            keep = ema_decay_at(state["step"], ema_decay)
+            new_state[EMA_KEY] = optax.incremental_update(params, state[EMA_KEY], 1.0 - keep)
         metrics = {
             **{k: jnp.asarray(v, jnp.float32) for k, v in parts.items()},
             "loss": loss.astype(jnp.float32),

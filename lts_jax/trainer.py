@@ -37,8 +37,14 @@ from lts_jax.mesh import make_mesh, shard_batch
 from lts_jax.metric_writer import MetricWriter
 from lts_jax.preemption import Preempted, PreemptionWatcher
 from lts_jax.progress import ProgressBar
-from lts_jax.train_setup import TrainSetup, create_train_setup, low_res_steps, resolve_config
-from lts_jax.train_step import TRAIN_INPUTS, TrainState
+from lts_jax.train_setup import (
+    TrainSetup,
+    create_train_setup,
+    ema_decay,
+    low_res_steps,
+    resolve_config,
+)
+from lts_jax.train_step import TRAIN_INPUTS, TrainState, inference_params
 from lts_jax.workdir_config import check_resumable, config_path, write_config
 from lts_jax.workdir_lock import WorkdirLock
 
@@ -107,6 +113,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     try:  # pure checks of config fields, so their ValueErrors are the user's to fix
         resolve_config(config)
         low_res_steps(config)
+        ema_decay(config)
     except ValueError as err:
         raise RunSetupError(str(err)) from None
 
@@ -208,9 +215,10 @@ def _log(run: _Run, step: int) -> None:
 
 
 def _evaluate(run: _Run, step: int, state: TrainState, splits: list[str]) -> Results:
-    """Metrics of ``splits`` at ``step``, logged; never of a diverged state."""
+    """Metrics of ``splits`` at ``step`` (of the weight average, if kept), logged; never of a
+    diverged state."""
     run.flush()
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    variables = {"params": inference_params(state), "batch_stats": state["batch_stats"]}
     results = {}
     for split in splits:
         metrics = results[split] = run.evaluator.evaluate(variables, split)

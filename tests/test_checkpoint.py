@@ -94,6 +94,27 @@ def test_restore_onto_fewer_devices_and_iterator_state(tmp_path):
     store.close()
 
 
+def test_weight_average_is_what_inference_loads_and_training_resumes_both(tmp_path):
+    """With 'ema_params' the 'variables' item holds the average (what eval.py and predict.py
+    load) and the trained params travel in 'train_state'; restore gives both back."""
+    mesh = make_mesh()
+    state = _state(3, mesh)
+    state["ema_params"] = replicate(
+        jax.tree.map(lambda x: np.asarray(x) + 1.0, jax.device_get(state["params"])), mesh)
+    expected = jax.device_get(state)
+    store = TrainCheckpoints(str(tmp_path), keep=1)
+    store.save(3, state)
+    target = abstract_like(jax.eval_shape(lambda: state), replicated(mesh))
+    restored = jax.device_get(store.restore(3, target))
+    assert set(restored) == set(expected)
+    jax.tree.map(np.testing.assert_array_equal, restored, expected)
+    inference = store.restore_variables(3, replicated(mesh))
+    assert set(inference) == {"params", "batch_stats"}
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(inference["params"]),
+                 expected["ema_params"])
+    store.close()
+
+
 def test_data_state_restores_on_another_process_count(tmp_path, monkeypatch):
     """Saved by one process (process_0-of-1.json), restored as process 1 of 2: it takes the
     saved global position; saved files that disagree are refused, naming them."""

@@ -19,14 +19,15 @@ import pytest
 from lts_jax import input_pipeline, train_setup
 from lts_jax import trainer as train_lib
 from lts_jax.checkpoint import TrainCheckpoints, load_for_inference
+from lts_jax.evaluate import Evaluator
 from lts_jax.mesh import make_mesh, replicated, shard_batch
 from lts_jax.metric_writer import read_metrics
 from lts_jax.optim import create_optimizer
 from lts_jax.preemption import Preempted
 from lts_jax.progress import ProgressBar
 from lts_jax.tokenizer import load_tokenizer
-from lts_jax.train_step import init_train_state, make_train_step
-from lts_jax.workdir_config import ConfigMismatchError
+from lts_jax.train_step import ema_decay_at, init_train_state, make_train_step
+from lts_jax.workdir_config import ConfigMismatchError, read_config
 from tests.train_fixtures import enable_compile_cache, tiny_config, tiny_data_dir
 
 # ----------------------------------------------------------------------------- toy model
@@ -102,6 +103,36 @@ def test_train_step_is_the_same_on_4_and_1_devices_and_compiles_once():
         assert leaf.sharding.is_fully_replicated
     # The state argument is donated.
     assert all(x.is_deleted() for x in jax.tree.leaves(old4["params"]))
+
+
+def test_weight_average_follows_the_trained_params_with_a_warmed_up_decay():
+    optim = ml_collections.ConfigDict(dict(
+        name="adamw", learning_rate=0.01, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+        warmup_steps=0, schedule="constant", decay_at=(), decay_factor=0.1, end_factor=0.0,
+        clip_norm=0.0, backbone_lr_mult=1.0))
+    loss = ml_collections.ConfigDict(dict(prior_weight=1.0, dice_weight=0.0))
+    mesh, model = make_mesh(jax.devices()[:1]), ToyLTS()
+    tx, schedule = create_optimizer(optim, 10)
+    state = init_train_state(model, tx, jax.random.key(0), image_size=32, max_text_len=5,
+                             mesh=mesh, ema=True)
+    average = jax.device_get(state["params"])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["ema_params"]), average)
+    step_fn = make_train_step(model, tx, train_setup.make_loss_fn(loss), schedule, mesh,
+                              ema_decay=0.95)
+    rng = jax.device_put(jax.random.key(1), replicated(mesh))
+    for step, batch in enumerate(_toy_batches(4)):
+        state, _ = step_fn(state, shard_batch(batch, mesh), rng)
+        keep = float(ema_decay_at(step, 0.95))
+        average = jax.tree.map(lambda a, p, k=keep: k * a + (1 - k) * p, average,
+                               jax.device_get(state["params"]))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                     jax.device_get(state["ema_params"]), average)
+    # Warm-up: 1/10 kept after step 0, then more, never more than the decay itself.
+    assert float(ema_decay_at(0, 0.95)) == pytest.approx(0.1)
+    assert float(ema_decay_at(3, 0.95)) == pytest.approx(4 / 13)
+    assert float(ema_decay_at(10_000, 0.95)) == pytest.approx(0.95)
+    assert not np.allclose(jax.device_get(state["ema_params"]["segment"]["kernel"]),
+                           jax.device_get(state["params"]["segment"]["kernel"]))
 
 
 def test_pending_metrics_name_the_first_bad_step():
@@ -234,6 +265,45 @@ def test_sigterm_saves_and_rerun_resumes_bit_identically(full_run, data_dir, tmp
     # Same parameters bit for bit: the data iterator and RNG resumed exactly.
     jax.tree.map(np.testing.assert_array_equal, resumed, reference)
     assert results["validation"] == full_run[1]["validation"]
+
+
+def test_weight_average_is_evaluated_saved_for_inference_and_resumed(data_dir, tmp_path,
+                                                                     monkeypatch):
+    """config.optim.ema_decay: the run reports the average's metrics, eval/predict load the
+    average, and a run stopped at step 1 resumes to the same average and params."""
+    config = tiny_config(data_dir, optim__ema_decay=0.9)
+    full = train_lib.train_and_evaluate(config, str(tmp_path / "full"))
+    update = ProgressBar.update
+
+    def update_then_sigterm(self, step, scalars=None):
+        update(self, step, scalars)
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(ProgressBar, "update", update_then_sigterm)
+    with pytest.raises(Preempted):
+        train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+    monkeypatch.setattr(ProgressBar, "update", update)
+    resumed = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert resumed["validation"] == full["validation"]
+
+    setup = train_setup.create_train_setup(read_config(str(tmp_path / "full")), make_mesh())
+    states = []
+    for name in ("full", "resumed"):
+        store = TrainCheckpoints(str(tmp_path / name), read_only=True)
+        states.append(jax.device_get(store.restore(4, setup.abstract_state())))
+        store.close()
+    jax.tree.map(np.testing.assert_array_equal, states[0], states[1])
+    inference, _ = _variables(str(tmp_path / "full"))
+    jax.tree.map(np.testing.assert_array_equal, inference["params"], states[0]["ema_params"])
+    assert not np.array_equal(states[0]["ema_params"]["segment"]["head"]["kernel"],
+                              states[0]["params"]["segment"]["head"]["kernel"])
+    # The reported metrics are the average's: evaluating the loaded variables gives them.
+    evaluator = Evaluator(setup.config, setup.model, setup.mesh, load_tokenizer(config))
+    assert evaluator.evaluate(inference, "validation") == full["validation"]
+    with pytest.raises(train_lib.RunSetupError, match="config.optim.ema_decay=1.0"):
+        train_lib.train_and_evaluate(tiny_config(data_dir, optim__ema_decay=1.0),
+                                     str(tmp_path / "bad"))
 
 
 class _NaNImageAt:
