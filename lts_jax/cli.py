@@ -219,6 +219,9 @@ class _NoUnretrievedTaskErrors(py_logging.Filter):
         return not record.getMessage().startswith("Task exception was never retrieved")
 
 
+_QUIET = "_lts_quiet_abandoned_reads"  # marks the hooks installed below
+
+
 def _quiet_abandoned_reads() -> None:
     """Drops the tracebacks of checkpoint reads that a failed restore abandoned.
 
@@ -240,5 +243,13 @@ def _quiet_abandoned_reads() -> None:
                 or inspect.iscoroutine(unraisable.object)):
             unraisablehook(unraisable)
 
-    sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
-    py_logging.getLogger("asyncio").addFilter(_NoUnretrievedTaskErrors())
+    # Once per process: a process that starts several commands (the tests) keeps one wrapper.
+    if not getattr(excepthook, _QUIET, False):
+        setattr(quiet_excepthook, _QUIET, True)
+        sys.excepthook = quiet_excepthook
+    if not getattr(unraisablehook, _QUIET, False):
+        setattr(quiet_unraisablehook, _QUIET, True)
+        sys.unraisablehook = quiet_unraisablehook
+    asyncio_logger = py_logging.getLogger("asyncio")
+    if not any(isinstance(f, _NoUnretrievedTaskErrors) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_NoUnretrievedTaskErrors())

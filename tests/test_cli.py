@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from lts_jax import cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "refshapes.py") + ":tiny"
@@ -154,6 +157,18 @@ def test_compiled_programs_are_kept_in_the_workdir(tmp_path, command, flags):
         assert result.stdout.strip() == expected
     for cache in (workdir / "compilation_cache", tmp_path / "mine"):
         assert len([p for p in cache.iterdir() if p.name.startswith("jit__lambda-")]) == 1
+
+
+def test_abandoned_read_hooks_are_installed_once_per_process(monkeypatch):
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    asyncio_logger = logging.getLogger("asyncio")
+    monkeypatch.setattr(asyncio_logger, "filters", list(asyncio_logger.filters))
+    cli._quiet_abandoned_reads()
+    hooks = sys.excepthook, sys.unraisablehook, list(asyncio_logger.filters)
+    assert hooks[0] is not sys.__excepthook__ and hooks[1] is not sys.__unraisablehook__
+    cli._quiet_abandoned_reads()
+    assert (sys.excepthook, sys.unraisablehook, list(asyncio_logger.filters)) == hooks
 
 
 def test_abandoned_checkpoint_reads_print_nothing_but_other_errors_do(tmp_path):
