@@ -9,9 +9,8 @@ still compute the same). Set XLA_FLAGS yourself to test with other flags.
 
 import os
 
+from tests.xla_options import FAST_COMPILE_FLAGS
+
 os.environ.setdefault(
-    "XLA_FLAGS",
-    "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
-    "--xla_llvm_disable_expensive_passes=true",
-)
+    "XLA_FLAGS", f"--xla_force_host_platform_device_count=4 {FAST_COMPILE_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

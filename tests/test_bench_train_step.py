@@ -21,6 +21,7 @@ from lts_jax.optim import create_optimizer
 from lts_jax.train_setup import make_loss_fn, resolve_config
 from lts_jax.train_step import abstract_train_state
 from lts_jax.transform import train_inputs_fn
+from tests.xla_options import FAST_COMPILE
 
 
 def _tiny_config() -> ml_collections.ConfigDict:
@@ -34,8 +35,7 @@ def tiny_result() -> dict[str, Any]:
     # Unoptimised XLA code compiles in a fraction of the time; the figures only need to be sane.
     return run_benchmark(
         _tiny_config(), steps=2, warmup=1, peak_tflops=1.0,
-        compiler_options={"xla_backend_optimization_level": 0,
-                          "xla_llvm_disable_expensive_passes": True},
+        compiler_options=FAST_COMPILE,
     )
 
 

@@ -23,12 +23,12 @@ import numpy as np
 from lts_jax.metric_writer import read_metrics
 from lts_jax.tokenizer import load_tokenizer
 from tests.train_fixtures import NUM_IMAGES, tiny_config, tiny_data_dir
+from tests.xla_options import FAST_COMPILE_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240  # for each of the two stages
-# XLA:CPU spends most of this test compiling; its optimisations buy nothing for four tiny
-# steps. Every process gets the same flags, so the runs stay comparable.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# XLA:CPU spends most of this test compiling; every process gets the suite's fast-compile
+# flags, so the runs stay comparable.
 
 
 def _free_port() -> int:
@@ -53,7 +53,7 @@ def _train_command(data_dir: str, workdir: Path, *extra: str) -> list[str]:
 def _env(num_devices: int) -> dict[str, str]:
     """This environment with ``num_devices`` CPU devices, set before the child imports JAX."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices} {FAST_COMPILE}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices} {FAST_COMPILE_FLAGS}"
     env["JAX_PLATFORMS"] = "cpu"
     # Each run keeps its compiled programs in its workdir (train.py's default; only process 0
     # of the pair writes there), not in the test session's cache.
