@@ -132,6 +132,7 @@ def make_train_step(
     mesh: Mesh,
     inputs_fn: InputsFn | None = None,
     ema_decay: float = 0.0,
+    replicate_text: bool = False,
 ) -> TrainStepFn:
     """``step(state, batch, rng) -> (state, metrics)``, jitted over ``mesh`` with donation.
 
@@ -146,7 +147,15 @@ def make_train_step(
 
     ``ema_decay`` > 0 (the state must then hold ``'ema_params'``): after each update the
     average moves towards the new params by ``1 - ema_decay_at(step, ema_decay)``.
+
+    ``replicate_text`` (an ``LTS`` model only): every device encodes the whole batch's
+    expressions. Split over the batch like the rest, the GRU's backward scan all-reduces its
+    weight gradients across devices at every time step (64 rendezvous per step at 16 tokens);
+    on XLA:CPU those cost more than running the tiny text encoder on the whole batch (README,
+    Benchmarks). Same maths; the gradients are summed in another order.
     """
+    if replicate_text:
+        model = model.clone(text_sharding=replicated(mesh))
 
     def step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict]:
         step_rng = jax.random.fold_in(rng, state["step"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from lts_jax.checkpoint import TrainCheckpoints, load_for_inference
 from lts_jax.evaluate import Evaluator
 from lts_jax.mesh import make_mesh, replicated, shard_batch
 from lts_jax.metric_writer import read_metrics
+from lts_jax.models.model import create_model
 from lts_jax.optim import create_optimizer
 from lts_jax.preemption import Preempted
 from lts_jax.progress import ProgressBar
@@ -133,6 +135,50 @@ def test_weight_average_follows_the_trained_params_with_a_warmed_up_decay():
     assert float(ema_decay_at(10_000, 0.95)) == pytest.approx(0.95)
     assert not np.allclose(jax.device_get(state["ema_params"]["segment"]["kernel"]),
                            jax.device_get(state["params"]["segment"]["kernel"]))
+
+
+def _loop_all_reduces(hlo: str) -> int:
+    """All-reduce ops inside the bodies of while loops of an optimised HLO module."""
+    bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+    count, current = 0, None
+    for line in hlo.splitlines():
+        header = re.match(r"^%?([\w.\-]+) .*\{$", line) or re.match(r"^(?:ENTRY )?%?([\w.\-]+) ",
+                                                                       line)
+        if line and not line.startswith(" ") and header:
+            current = header.group(1)
+        elif current in bodies and "all-reduce(" in line:
+            count += 1
+    return count
+
+
+def test_replicated_text_encoder_keeps_all_reduces_out_of_the_gru_loop():
+    """replicate_text: the same loss and update as the batch-split step, without an
+    all-reduce inside the GRU's scan (the point of the option)."""
+    from configs.refshapes import get_config
+
+    config = get_config("tiny")
+    config.model.vocab_size = 16
+    config.data.max_text_len = 5
+    config = train_setup.resolve_config(config)
+    mesh = make_mesh(jax.devices()[:2])
+    model = create_model(config.model)
+    tx, schedule = create_optimizer(config.optim, 4)
+    loss_fn = train_setup.make_loss_fn(config.loss)
+    batch = next(_toy_batches(1, size=64))
+    batch = shard_batch(batch, mesh)
+    rng = jax.device_put(jax.random.key(1), replicated(mesh))
+    results = {}
+    for replicate in (False, True):
+        state = init_train_state(model, tx, jax.random.key(0), image_size=64, max_text_len=5,
+                                 mesh=mesh)
+        step_fn = make_train_step(model, tx, loss_fn, schedule, mesh, replicate_text=replicate)
+        hlo = step_fn.lower(state, batch, rng).compile().as_text()
+        state, metrics = step_fn(state, batch, rng)
+        results[replicate] = (_loop_all_reduces(hlo), jax.device_get((metrics, state["params"])))
+    assert results[False][0] > 0  # the batch-split GRU all-reduces inside its scan
+    assert results[True][0] == 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 results[True][1], results[False][1])
 
 
 def test_pending_metrics_name_the_first_bad_step():

@@ -108,6 +108,9 @@ class LTS(nn.Module):
     locate: Locate
     segment: Segment
     dtype: Any = jnp.float32
+    # Where the text features live (a jax.sharding.Sharding; None: wherever XLA puts them).
+    # The CPU train step replicates them: see train_step.make_train_step.
+    text_sharding: Any = None
 
     def __call__(
         self,
@@ -120,7 +123,13 @@ class LTS(nn.Module):
         if image.shape[1] % 32 or image.shape[2] % 32:
             raise ValueError(f"image sides must be multiples of 32, got {image.shape[1:3]}")
         c1, c2, c3, c4, c5 = self.visual.levels(image.astype(self.dtype), train=train)
+        if self.text_sharding is not None:  # inputs and outputs, or XLA splits the scan
+            tokens, token_mask = jax.lax.with_sharding_constraint(
+                (tokens, token_mask), self.text_sharding)
         words, sentence = self.text(tokens, token_mask)
+        if self.text_sharding is not None:
+            words, sentence = jax.lax.with_sharding_constraint(
+                (words, sentence), self.text_sharding)
         fused = self.fusion(c3, c4, c5, sentence, train=train)
         prior_logits, relevance = self.locate(fused, words, token_mask, sentence, train=train)
         mask_logits = self.segment(fused, prior_logits, train=train, skips={2: c1, 4: c2})
