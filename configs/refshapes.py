@@ -5,9 +5,10 @@ Builds the data from a seed, trains the 'small' model and evaluates it::
     python train.py --config configs/refshapes.py --workdir runs/refshapes
 
 1,300 steps at 64x64, then 130 at 96x96: the main job took 11.7 minutes on a 2-core AVX2-only
-EPYC (before the decoded-example and compilation caches) and 5.6 on a 2-core AVX-512 one;
-87-92% validation mIoU depending on the seed (86.9-91.5 for seeds 0-2) and the device count
-(README, "What the main job gives"). The decoder departs from the paper's: mask logits at
+EPYC (before the decoded-example and compilation caches and the replicated text encoder) and
+4.8 on a 2-core AVX-512 one; 89-91% validation mIoU for seeds 0-2 there (89.7, 90.8, 89.1),
+and the last points move with the device count and the order of sums (README, "What the main
+job gives"). The decoder departs from the paper's: mask logits at
 stride 2 with C1/C2 skips (same section); the RefCOCO configs keep the paper's stride-4
 decoder.
 
