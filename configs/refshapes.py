@@ -8,9 +8,8 @@ Builds the data from a seed, trains the 'small' model and evaluates it::
 EPYC (before the decoded-example and compilation caches and the replicated text encoder) and
 4.8 on a 2-core AVX-512 one; 89-91% validation mIoU for seeds 0-2 there (89.7, 90.8, 89.1),
 and the last points move with the device count and the order of sums (README, "What the main
-job gives"). The decoder departs from the paper's: mask logits at
-stride 2 with C1/C2 skips (same section); the RefCOCO configs keep the paper's stride-4
-decoder.
+job gives"). The decoder departs from the paper's: mask logits at stride 2 with C1/C2 skips
+(same section); the RefCOCO configs keep the paper's stride-4 decoder.
 
 ``configs/refshapes.py:tiny`` (alias ``:test``) is the few-second variant used by the tests:
 tiny model, 64x64 images, a handful of steps. Any field can be overridden, e.g.

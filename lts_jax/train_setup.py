@@ -119,7 +119,8 @@ class TrainSetup:
         return self.train_step
 
     @property
-    def _sizes(self) -> dict[str, Any]:
+    def _state_args(self) -> dict[str, Any]:
+        """What the state's shape depends on besides the model and optimiser."""
         data = self.config.data
         return {"image_size": int(data.image_size), "max_text_len": int(data.max_text_len),
                 "ema": ema_decay(self.config) > 0}
@@ -128,11 +129,11 @@ class TrainSetup:
         """A fresh replicated state; ``visual_weights``: a DarkNet file for 'visual' ('' = none)."""
         hook = visual_weights_fn(visual_weights) if visual_weights else None
         return init_train_state(self.model, self.tx, self.init_rng, mesh=self.mesh,
-                                variables_fn=hook, **self._sizes)
+                                variables_fn=hook, **self._state_args)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and (replicated) shardings of the state, to restore a checkpoint."""
-        shapes = abstract_train_state(self.model, self.tx, **self._sizes)
+        shapes = abstract_train_state(self.model, self.tx, **self._state_args)
         return abstract_like(shapes, replicated(self.mesh))
 
 

@@ -27,8 +27,6 @@ from tests.xla_options import FAST_COMPILE_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240  # for each of the two stages
-# XLA:CPU spends most of this test compiling; every process gets the suite's fast-compile
-# flags, so the runs stay comparable.
 
 
 def _free_port() -> int:
@@ -53,6 +51,8 @@ def _train_command(data_dir: str, workdir: Path, *extra: str) -> list[str]:
 def _env(num_devices: int) -> dict[str, str]:
     """This environment with ``num_devices`` CPU devices, set before the child imports JAX."""
     env = dict(os.environ)
+    # XLA:CPU spends most of this test compiling: every process gets the suite's fast-compile
+    # flags, so the runs stay comparable.
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices} {FAST_COMPILE_FLAGS}"
     env["JAX_PLATFORMS"] = "cpu"
     # Each run keeps its compiled programs in its workdir (train.py's default; only process 0

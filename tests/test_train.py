@@ -142,9 +142,8 @@ def _loop_all_reduces(hlo: str) -> int:
     bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
     count, current = 0, None
     for line in hlo.splitlines():
-        header = re.match(r"^%?([\w.\-]+) .*\{$", line) or re.match(r"^(?:ENTRY )?%?([\w.\-]+) ",
-                                                                       line)
-        if line and not line.startswith(" ") and header:
+        header = re.match(r"(?:ENTRY )?%?([\w.\-]+) ", line)  # unindented: a computation
+        if header:
             current = header.group(1)
         elif current in bodies and "all-reduce(" in line:
             count += 1
@@ -164,8 +163,7 @@ def test_replicated_text_encoder_keeps_all_reduces_out_of_the_gru_loop():
     model = create_model(config.model)
     tx, schedule = create_optimizer(config.optim, 4)
     loss_fn = train_setup.make_loss_fn(config.loss)
-    batch = next(_toy_batches(1, size=64))
-    batch = shard_batch(batch, mesh)
+    batch = shard_batch(next(_toy_batches(1, size=64)), mesh)
     rng = jax.device_put(jax.random.key(1), replicated(mesh))
     results = {}
     for replicate in (False, True):
@@ -285,25 +283,30 @@ def _tensorboard_tags(logdir: str) -> tuple[set[str], dict[str, list[tuple[int, 
     return scalars, images
 
 
-def test_sigterm_saves_and_rerun_resumes_bit_identically(full_run, data_dir, tmp_path,
-                                                         monkeypatch):
-    workdir = str(tmp_path / "run")
+def _preempt_after_step_1(config: ml_collections.ConfigDict, workdir: str) -> Preempted:
+    """Trains ``config`` in ``workdir`` with a SIGTERM after step 1 (as if the scheduler
+    preempted the run); the Preempted it stopped with."""
     update = ProgressBar.update
 
     def update_then_sigterm(self, step, scalars=None):
         update(self, step, scalars)
         if step == 1:
-            signal.raise_signal(signal.SIGTERM)  # as if the scheduler preempted us
+            signal.raise_signal(signal.SIGTERM)
 
-    monkeypatch.setattr(ProgressBar, "update", update_then_sigterm)
-    with pytest.raises(Preempted, match="saved step 1") as stop:
-        train_lib.train_and_evaluate(tiny_config(data_dir), workdir)
-    assert stop.value.step == 1
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ProgressBar, "update", update_then_sigterm)
+        with pytest.raises(Preempted, match="saved step 1") as stop:
+            train_lib.train_and_evaluate(config, workdir)
+    return stop.value
+
+
+def test_sigterm_saves_and_rerun_resumes_bit_identically(full_run, data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    assert _preempt_after_step_1(tiny_config(data_dir), workdir).step == 1
     store = TrainCheckpoints(workdir, read_only=True)
     assert store.latest_step() == 1  # saved on SIGTERM (checkpoint_every is 2)
     store.close()
 
-    monkeypatch.setattr(ProgressBar, "update", update)
     results = train_lib.train_and_evaluate(tiny_config(data_dir), workdir)
     resumed, step = _variables(workdir)
     reference, ref_step = _variables(full_run[0])
@@ -313,23 +316,12 @@ def test_sigterm_saves_and_rerun_resumes_bit_identically(full_run, data_dir, tmp
     assert results["validation"] == full_run[1]["validation"]
 
 
-def test_weight_average_is_evaluated_saved_for_inference_and_resumed(data_dir, tmp_path,
-                                                                     monkeypatch):
+def test_weight_average_is_evaluated_saved_for_inference_and_resumed(data_dir, tmp_path):
     """config.optim.ema_decay: the run reports the average's metrics, eval/predict load the
     average, and a run stopped at step 1 resumes to the same average and params."""
     config = tiny_config(data_dir, optim__ema_decay=0.9)
     full = train_lib.train_and_evaluate(config, str(tmp_path / "full"))
-    update = ProgressBar.update
-
-    def update_then_sigterm(self, step, scalars=None):
-        update(self, step, scalars)
-        if step == 1:
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(ProgressBar, "update", update_then_sigterm)
-    with pytest.raises(Preempted):
-        train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(ProgressBar, "update", update)
+    _preempt_after_step_1(config, str(tmp_path / "resumed"))
     resumed = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert resumed["validation"] == full["validation"]
 
@@ -495,8 +487,6 @@ def test_batch_size_not_divisible_by_devices_is_a_one_line_setup_error(tmp_path)
 
 def test_decoded_cache_too_large_for_the_machine_is_a_setup_error(data_dir, tmp_path,
                                                                    monkeypatch):
-    from lts_jax import input_pipeline
-
     sizes, check = [], input_pipeline.check_decoded_cache_fits
 
     def too_small_machine(num_objects, canvas_size, memory_bytes=None):
