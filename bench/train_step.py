@@ -64,7 +64,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lts_jax.mesh import make_mesh, shard_batch  # noqa: E402
 from lts_jax.train_setup import create_train_setup, low_res_steps, resolve_config  # noqa: E402
 from lts_jax.train_step import LossFn, make_train_step  # noqa: E402
-from lts_jax.transform import packed_width, train_inputs_fn  # noqa: E402
+from lts_jax.transform import IMAGE_FIELDS, packed_width, train_inputs_fn  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py), optionally ':arg'.", lock_config=True
@@ -152,7 +152,7 @@ def synthetic_batch(
     photometric = np.stack([rng.uniform(-0.15, 0.15, batch_size),
                             rng.uniform(0.75, 1.25, batch_size),
                             rng.uniform(0.75, 1.25, batch_size)], axis=1).astype(np.float32)
-    return {
+    batch = {
         "image": rng.integers(0, 256, (batch_size, canvas, canvas, 3), dtype=np.uint8),
         "mask": rng.integers(0, 256, (batch_size, canvas, packed_width(canvas)), dtype=np.uint8),
         "hw": hw,
@@ -161,6 +161,11 @@ def synthetic_batch(
         "tokens": np.where(token_mask, tokens, 0).astype(np.int32),  # 0 = padding
         "token_mask": token_mask,
     }
+    # Several pairs per image: the image fields have one row per image.
+    images = batch_size // int(config.data.get("objects_per_image", 1))
+    for name in IMAGE_FIELDS:
+        batch[name] = batch[name][:images]
+    return batch
 
 
 def time_transform(config: ml_collections.ConfigDict, batch: Any, steps: int) -> float:
@@ -236,7 +241,7 @@ def run_benchmark(
     loss = float(metrics["loss"])
     transform_ms = time_transform(config, batch, steps)
     low_res = _low_res_figures(setup, state, batch, steps, compiler_options)
-    host_bytes = sum(np.asarray(v).nbytes for v in local.values()) / len(local["image"])
+    host_bytes = sum(np.asarray(v).nbytes for v in local.values()) / len(local["tokens"])
 
     step_s = statistics.fmean(times)
     device_kind = jax.devices()[0].device_kind

@@ -52,6 +52,9 @@ def base_config(model_variant: str) -> ml_collections.ConfigDict:
     # Keep each training example decoded in memory after its first use (the whole train split
     # ends up there, ~36 kB per RefShapes object): for small datasets only. Same batches.
     config.data.cache_decoded = False
+    # Training pairs per image in a batch, sharing one backbone pass (1 = each pair its own
+    # image). batch_size counts pairs and must be a multiple of it.
+    config.data.objects_per_image = 1
     config.data.flip = False
     config.data.photometric = False
     # RefShapes only: images generated (0 = the generator's default size).

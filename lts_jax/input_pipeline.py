@@ -14,7 +14,9 @@ Global stream position t = e * N + i. With B rows per process and G = B*P, globa
 is positions [b*G, (b+1)*G) in order, process p holding [b*G + p*B, b*G + (p+1)*B), so a global
 batch is the same, row for row, under any process count. Each position draws its own RNG from
 (seed, t): which expression, flip, photometric factors. A batch is built as one grain element,
-decoding straight into the batch arrays.
+decoding straight into the batch arrays. With ``objects_per_image`` K > 1 the stream is one of
+images instead: each position brings K of its image's objects, the image fields (pixels, size,
+flip, photometric) once and the pair fields (mask, tokens) K times (docs/CONTRACTS.md).
 
 Eval stream: pairs (object, expression) in source order, then expression order. Global batch b
 holds pairs [b*G, (b+1)*G) (G = global eval batch), process p the slice [p*B, (p+1)*B) of it.
@@ -162,17 +164,25 @@ class _TrainBatch:
     # time, which costs a decode, not a difference.
     cache: dict[int, dict[str, Any]] | None = None
 
+    # objects_per_image > 1: the stream is one of images (image_objects[k] = the object
+    # indices of image k) and each image brings that many of its objects, sharing its pixels,
+    # its flip and its photometric draw.
+    image_objects: tuple[tuple[int, ...], ...] | None = None
+    objects_per_image: int = 1
+
     def __call__(self, batch_index: int) -> Batch:
         b, c, length = self.batch_size, self.canvas_size, self.max_text_len
-        out = {"image": _zeros((b, c, c, 3)), "mask": _zeros((b, c, packed_width(c))),
-               "hw": np.empty((b, 2), np.int32), "flip": np.zeros((b,), np.bool_),
-               "photometric": identity_photometric(b),
+        n = b // self.objects_per_image  # images per batch
+        out = {"image": _zeros((n, c, c, 3)), "mask": _zeros((b, c, packed_width(c))),
+               "hw": np.empty((n, 2), np.int32), "flip": np.zeros((n,), np.bool_),
+               "photometric": identity_photometric(n),
                "tokens": np.empty((b, length), np.int32),
                "token_mask": np.empty((b, length), np.bool_),
                "valid": np.ones((b,), np.bool_)}
-        first = (batch_index * self.process_count + self.process_index) * b
-        for row in range(b):
-            self._fill(out, row, first + row)
+        first = (batch_index * self.process_count + self.process_index) * n
+        fill = self._fill if self.objects_per_image == 1 else self._fill_image
+        for row in range(n):
+            fill(out, row, first + row)
         return out
 
     def _decoded(self, obj: int) -> dict[str, Any]:
@@ -204,12 +214,51 @@ class _TrainBatch:
         out["tokens"][row], out["token_mask"][row] = self.tokenizer.encode(text,
                                                                            self.max_text_len)
 
+    def _fill_image(self, out: Batch, k: int, position: int) -> None:
+        """Image k of the batch and its objects_per_image pairs, rows k*G .. k*G + G - 1."""
+        g, groups = self.objects_per_image, self.image_objects
+        assert groups is not None
+        rng = np.random.default_rng([self.seed, position])
+        epoch, index = divmod(position, len(groups))
+        objects = groups[int(_epoch_order(self.shuffle_seed, len(groups), epoch)[index])]
+        # Distinct objects while the image has enough, then round again.
+        chosen = [objects[i % len(objects)] for i in rng.permutation(max(g, len(objects)))[:g]]
+        flip = self.flip and rng.random() < 0.5
+        for j, obj in enumerate(chosen):
+            ex = self._decoded(obj)
+            h, w = ex["mask"].shape
+            if h > self.canvas_size or w > self.canvas_size:
+                raise _canvas_error(f"training object {obj}", h, w, self.canvas_size)
+            if j == 0:
+                place_image(ex["image"], out["image"][k])
+                out["hw"][k] = (h, w)
+                out["flip"][k] = flip
+                if self.photometric:
+                    out["photometric"][k] = photometric_params(rng)
+            row = k * g + j
+            expressions = ex["expressions"]
+            text = expressions[int(rng.integers(len(expressions)))]
+            place_mask(ex["mask"], out["mask"][row])
+            if flip:
+                text = swap_left_right(text)
+            out["tokens"][row], out["token_mask"][row] = self.tokenizer.encode(
+                text, self.max_text_len)
+
+
+def image_objects(source: Any) -> tuple[tuple[int, ...], ...]:
+    """The object indices of each image of ``source`` (by 'image_id'), images in order of
+    their first object."""
+    groups: dict[int, list[int]] = {}
+    for obj in range(len(source)):
+        groups.setdefault(int(source[obj]["image_id"]), []).append(obj)
+    return tuple(tuple(v) for v in groups.values())
+
 
 def train_batches(source: Any, tokenizer: Tokenizer, *, batch_size: int, canvas_size: int,
                   max_text_len: int, seed: int, decode_fn: DecodeFn = _identity,
                   process_index: int = 0, process_count: int = 1, flip: bool = False,
                   photometric: bool = False, num_epochs: int | None = None,
-                  cache_decoded: bool = False) -> grain.MapDataset:
+                  cache_decoded: bool = False, objects_per_image: int = 1) -> grain.MapDataset:
     """MapDataset of this process's training batches (batch_size is per process).
 
     source: random-access (len, __getitem__) of raw examples; decode_fn turns one into the
@@ -223,12 +272,16 @@ def train_batches(source: Any, tokenizer: Tokenizer, *, batch_size: int, canvas_
     if len(source) == 0:
         raise ValueError("empty training source")
     shuffle_seed, aug_seed = _split_seed(seed)
-    positions = sys.maxsize if num_epochs is None else len(source) * num_epochs
+    groups = image_objects(source) if objects_per_image > 1 else None
+    units = len(source) if groups is None else len(groups)
+    positions = sys.maxsize if num_epochs is None else units * num_epochs
     make = _TrainBatch(source, shuffle_seed, decode_fn, tokenizer, canvas_size,
                        max_text_len, flip, photometric, aug_seed, batch_size, process_index,
-                       process_count, {} if cache_decoded else None)
+                       process_count, {} if cache_decoded else None, groups,
+                       objects_per_image)
     # Every process yields the same number of batches: whole global batches only.
-    return grain.MapDataset.range(positions // (batch_size * process_count)).map(make)
+    per_batch = batch_size // objects_per_image * process_count
+    return grain.MapDataset.range(positions // per_batch).map(make)
 
 
 class TrainIterator(Iterator[Batch]):
@@ -303,20 +356,25 @@ def make_train_iterator(source: Any, tokenizer: Tokenizer, *, global_batch_size:
                         decode_fn: DecodeFn = _identity, process_index: int = 0,
                         process_count: int = 1, flip: bool = False, photometric: bool = False,
                         worker_count: int = 0, num_threads: int = 2,
-                        num_epochs: int | None = None, cache_decoded: bool = False
-                        ) -> TrainIterator:
+                        num_epochs: int | None = None, cache_decoded: bool = False,
+                        objects_per_image: int = 1) -> TrainIterator:
     """Checkpointable training iterator over explicit arguments (see train_batches)."""
     batch_size = per_process_batch_size(global_batch_size, process_count)
+    if objects_per_image < 1 or batch_size % objects_per_image:
+        raise ValueError(f"{batch_size} pairs per process are not a whole number of images "
+                         f"of {objects_per_image} objects (config.data.objects_per_image)")
     batches = train_batches(source, tokenizer, batch_size=batch_size, canvas_size=canvas_size,
                             max_text_len=max_text_len, seed=seed, decode_fn=decode_fn,
                             process_index=process_index, process_count=process_count,
                             flip=flip, photometric=photometric, num_epochs=num_epochs,
-                            cache_decoded=cache_decoded)
+                            cache_decoded=cache_decoded, objects_per_image=objects_per_image)
     # What fixes the global stream at a given batch index; a state from another stream is
     # refused. Not the process index or count: every process count slices the same global
     # batches, so a run may resume on another number of processes.
     fingerprint = {"num_objects": len(source), "global_batch_size": global_batch_size,
                    "seed": int(seed)}
+    if objects_per_image > 1:  # absent at 1, so states saved before the option still load
+        fingerprint["objects_per_image"] = int(objects_per_image)
     return TrainIterator(batches, worker_count=worker_count, num_threads=num_threads,
                          fingerprint=fingerprint)
 
@@ -488,7 +546,8 @@ def create_train_loader(config: Any, tokenizer: Tokenizer, *, process_index: int
         max_text_len=data.max_text_len, seed=config.seed if seed is None else seed,
         decode_fn=records.decode_example, process_index=process_index,
         process_count=process_count, flip=data.flip, photometric=data.photometric,
-        worker_count=data.num_workers, cache_decoded=cache_decoded)
+        worker_count=data.num_workers, cache_decoded=cache_decoded,
+        objects_per_image=int(data.get("objects_per_image", 1)))
 
 
 @functools.lru_cache(maxsize=32)

@@ -150,6 +150,19 @@ def low_res_steps(config: ml_collections.ConfigDict) -> int:
     return steps
 
 
+def objects_per_image(config: ml_collections.ConfigDict) -> int:
+    """config.data.objects_per_image, checked: >= 1 and a divisor of config.batch_size."""
+    per_image, batch = int(config.data.get("objects_per_image", 1)), int(config.batch_size)
+    if per_image < 1:
+        raise ValueError(f"config.data.objects_per_image={per_image} must be >= 1 (1: every "
+                         "training pair brings its own image)")
+    if batch % per_image:
+        raise ValueError(f"config.batch_size={batch} counts (image, expression) pairs and must "
+                         f"be a multiple of config.data.objects_per_image={per_image}; set "
+                         f"--config.batch_size={batch // per_image * per_image or per_image}")
+    return per_image
+
+
 def ema_decay(config: ml_collections.ConfigDict) -> float:
     """config.optim.ema_decay (0: no weight average), checked to lie in [0, 1)."""
     decay = float(config.optim.get("ema_decay", 0.0))

@@ -42,6 +42,7 @@ from lts_jax.train_setup import (
     create_train_setup,
     ema_decay,
     low_res_steps,
+    objects_per_image,
     resolve_config,
 )
 from lts_jax.train_step import TRAIN_INPUTS, TrainState, inference_params
@@ -114,8 +115,15 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         resolve_config(config)
         low_res_steps(config)
         ema_decay(config)
+        per_image = objects_per_image(config)
     except ValueError as err:
         raise RunSetupError(str(err)) from None
+    images = int(config.batch_size) // per_image
+    if per_image > 1 and images % devices:
+        raise RunSetupError(
+            f"config.batch_size={config.batch_size} with config.data.objects_per_image="
+            f"{per_image} gives {images} images per batch, not divisible by the {devices} "
+            f"devices; set --config.batch_size to a multiple of {per_image * devices}")
 
 
 def _check_run(config: ml_collections.ConfigDict, workdir: str) -> None:

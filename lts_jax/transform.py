@@ -30,6 +30,9 @@ from lts_jax.letterbox import MEAN_GREY
 Batch = Mapping[str, jax.Array]
 # ITU-R BT.601 luma, as augment.apply_photometric.
 _LUMA = (0.299, 0.587, 0.114)
+# Fields of a training batch with one row per image; the rest have one per (image, object)
+# pair, objects_per_image rows per image (config.data.objects_per_image).
+IMAGE_FIELDS = ("image", "hw", "flip", "photometric")
 # Largest canvas that the CPU resamples with dense matrices (default_method).
 _MATMUL_MAX_CANVAS = 128
 
@@ -212,6 +215,10 @@ def train_inputs(batch: Batch, size: int, method: str | None = None) -> dict[str
     hw, flip = batch["hw"], batch["flip"]
     plan = plans(hw, size, batch["image"].shape[1], flip)  # shared by image and mask
     image = letterbox_images(batch["image"], hw, size, flip, method, plan)
+    per_image = batch["mask"].shape[0] // batch["image"].shape[0]
+    if per_image > 1:  # several objects per image (config.data.objects_per_image)
+        hw, flip = jnp.repeat(hw, per_image, axis=0), jnp.repeat(flip, per_image, axis=0)
+        plan = plans(hw, size, batch["image"].shape[1], flip)
     mask = letterbox_masks(batch["mask"], hw, size, flip, plan)
     image = apply_photometric(image, batch["photometric"])
     return {"image": image, "mask": mask, "tokens": batch["tokens"],

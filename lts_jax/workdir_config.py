@@ -91,6 +91,7 @@ def _with_legacy_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """A flattened config.json from before a field existed, with the value that field takes
     for the run it describes (so older workdirs still resume)."""
     defaults = {"data.low_res_image_size": 0, "data.low_res_steps": 0, "optim.ema_decay": 0.0,
+                "data.objects_per_image": 1,
                 "optim.schedule_steps": saved.get("num_train_steps")}
     return {**{k: v for k, v in defaults.items() if v is not None}, **saved}
 

@@ -374,3 +374,101 @@ def test_pipeline_never_imports_tensorflow(refshapes):
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+# Several objects per image (config.data.objects_per_image): image k's pixels are 10 * k, and
+# object j of it has its mask in rows 4j .. 4j + 3.
+IMAGE_SIZES = (3, 2, 4, 3)
+
+
+def _grouped_source() -> list[dict]:
+    out = []
+    for k, count in enumerate(IMAGE_SIZES):
+        image = np.full((20, 24, 3), 10 * k, np.uint8)
+        for j in range(count):
+            mask = np.zeros((20, 24), np.uint8)
+            mask[4 * j:4 * j + 4] = 1
+            out.append({"image": image, "mask": mask, "image_id": 100 + k,
+                        "expressions": [f"image {k} object {j} left"]})
+    return out
+
+
+GROUPED = _grouped_source()
+
+
+@pytest.fixture(scope="module")
+def group_tok() -> Tokenizer:
+    return Tokenizer(train_sentencepiece([e for s in GROUPED for e in s["expressions"]]
+                                         + ["right"], 40))
+
+
+def _grouped(tok: Tokenizer, per_image: int, **kw) -> ip.TrainIterator:
+    args = dict(global_batch_size=2 * per_image, canvas_size=MAX_ORIG, max_text_len=L, seed=0,
+                objects_per_image=per_image)
+    args.update(kw)
+    return ip.make_train_iterator(GROUPED, tok, **args)
+
+
+def _pairs(batch: dict, tok: Tokenizer, per_image: int) -> list[tuple[int, int, str]]:
+    """(image of the row's group, object of the row's mask, the row's expression)."""
+    out = []
+    for row in range(len(batch["mask"])):
+        image = int(batch["image"][row // per_image, 0, 0, 0]) // 10
+        bits = np.unpackbits(batch["mask"][row], axis=1)
+        obj = int(np.flatnonzero(bits.any(axis=1))[0]) // 4
+        out.append((image, obj, tok.decode(batch["tokens"][row])))
+    return out
+
+
+def test_image_objects_groups_by_image_id():
+    assert ip.image_objects(GROUPED) == ((0, 1, 2), (3, 4), (5, 6, 7, 8), (9, 10, 11))
+
+
+@pytest.mark.parametrize("per_image", [2, 3, 4])
+def test_grouped_batches_bring_each_image_with_its_own_objects(group_tok, per_image):
+    it = _grouped(group_tok, per_image, flip=True, photometric=True)
+    batch = next(it)
+    packed = transform.packed_width(MAX_ORIG)
+    assert {k: v.shape for k, v in batch.items()} == {
+        "image": (2, MAX_ORIG, MAX_ORIG, 3), "hw": (2, 2), "flip": (2,), "photometric": (2, 3),
+        "mask": (2 * per_image, MAX_ORIG, packed), "tokens": (2 * per_image, L),
+        "token_mask": (2 * per_image, L), "valid": (2 * per_image,)}
+    seen = []
+    for i in range(2 * 3):  # 3 epochs of 4 images
+        batch = batch if i == 0 else next(it)
+        pairs = _pairs(batch, group_tok, per_image)
+        for k in range(2):
+            group = pairs[k * per_image:(k + 1) * per_image]
+            image = group[0][0]
+            seen.append(image)
+            assert tuple(batch["hw"][k]) == (20, 24)
+            objects = [obj for _, obj, _ in group]
+            # Distinct objects while the image has enough; then every one of them.
+            assert len(set(objects)) == min(per_image, IMAGE_SIZES[image])
+            side = "right" if batch["flip"][k] else "left"  # the group's flip swapped words
+            assert [text for _, _, text in group] == [f"image {image} object {j} {side}"
+                                                      for j in objects]
+    assert [sorted(seen[i:i + 4]) for i in range(0, 12, 4)] == [[0, 1, 2, 3]] * 3
+    # The stream state resumes exactly, and a state of the one-pair-per-image stream is refused.
+    state = it.get_state()
+    expected = [next(it) for _ in range(3)]
+    fresh = _grouped(group_tok, per_image, flip=True, photometric=True)
+    fresh.set_state(state)
+    _assert_same([next(fresh) for _ in range(3)], expected)
+    with pytest.raises(ValueError, match="different pipeline"):
+        _grouped(group_tok, per_image).set_state(_grouped(group_tok, 1).get_state())
+
+
+def test_grouped_batch_must_hold_whole_images(group_tok):
+    with pytest.raises(ValueError, match="objects_per_image"):
+        _grouped(group_tok, 3, global_batch_size=4)
+
+
+def test_grouped_train_inputs_match_the_batch_with_each_image_repeated(group_tok):
+    batch = next(_grouped(group_tok, 3, flip=True, photometric=True, seed=5))
+    assert batch["flip"].any() and not batch["flip"].all()  # one of each with this seed
+    repeated = {k: np.repeat(v, 3, axis=0) if k in transform.IMAGE_FIELDS else v
+                for k, v in batch.items()}
+    grouped, expected = transform.train_inputs(batch, S), transform.train_inputs(repeated, S)
+    np.testing.assert_array_equal(grouped["mask"], expected["mask"])
+    np.testing.assert_allclose(grouped["image"], expected["image"][::3], atol=1e-6)

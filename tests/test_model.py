@@ -219,6 +219,27 @@ def test_sharded_forward_matches_single_device(tiny: dict) -> None:
                                    stats, ref_stats)
 
 
+def test_one_backbone_pass_per_image_matches_the_repeated_image(tiny: dict) -> None:
+    """Two expressions per image (config.data.objects_per_image=2): the image batch is half
+    the expression batch and the backbone runs once per image. Same outputs, BatchNorm
+    statistics and gradients as with each image repeated (a repeat leaves batch mean and
+    variance unchanged)."""
+    batch = tiny["batch"]
+    assert np.array_equal(batch["image"][0::2], batch["image"][1::2])  # two rows per image
+    grouped = {**batch, "image": batch["image"][0::2]}
+    jax.tree_util.tree_map(partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5),
+                           tiny["forward"](tiny["variables"], grouped, train=False),
+                           tiny["forward"](tiny["variables"], batch, train=False))
+    params, stats = tiny["variables"]["params"], tiny["variables"]["batch_stats"]
+    opt = tiny["tx"].init(params)
+    # (batch_stats, loss, grads) of one train-mode step; not the Adam update, which turns
+    # rounding in near-zero gradients into whole steps
+    steps = [tiny["train_step"](params, stats, opt, b)[1::2] for b in (grouped, batch)]
+    jax.tree_util.tree_map(partial(np.testing.assert_allclose, rtol=1e-3, atol=1e-5), *steps)
+    with pytest.raises(ValueError, match="whole number per image"):
+        tiny["forward"](tiny["variables"], {**batch, "image": batch["image"][:3]}, train=False)
+
+
 def test_bfloat16_compute_keeps_float32_params_and_outputs(tiny: dict) -> None:
     model = create_model(tiny_config(dtype="bfloat16"))
     shapes = jax.eval_shape(lambda: init_variables(model, KEY, S, L))

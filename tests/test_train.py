@@ -483,6 +483,29 @@ def test_batch_size_not_divisible_by_devices_is_a_one_line_setup_error(tmp_path)
     assert "\n" not in message and "config.batch_size=6" in message
     assert "4 devices" in message and "multiple of 4" in message
     assert not (tmp_path / "no_data").exists()  # refused before any data preparation
+    # Several objects per image: pairs a whole number of images, images split over devices.
+    for per_image, batch, expected in ((3, 8, "--config.batch_size=6"),
+                                       (4, 8, "2 images per batch, not divisible by the 4 "
+                                              "devices; set --config.batch_size to a "
+                                              "multiple of 16")):
+        config = tiny_config(str(tmp_path / "no_data"), batch_size=batch,
+                             data__objects_per_image=per_image)
+        with pytest.raises(train_lib.RunSetupError, match=expected):
+            train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "no_data").exists()
+
+
+def test_several_objects_per_image_train_and_resume_exactly(data_dir, tmp_path):
+    """config.data.objects_per_image=2: batches of 4 images x 2 expressions train, evaluate
+    and resume from a SIGTERM bit-identically."""
+    config = tiny_config(data_dir, data__objects_per_image=2)
+    full = train_lib.train_and_evaluate(config, str(tmp_path / "full"))
+    assert 0.0 <= full["validation"]["mIoU"] <= 1.0
+    _preempt_after_step_1(config, str(tmp_path / "resumed"))
+    resumed = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert resumed["validation"] == full["validation"]
+    jax.tree.map(np.testing.assert_array_equal, _variables(str(tmp_path / "resumed")),
+                 _variables(str(tmp_path / "full")))
 
 
 def test_decoded_cache_too_large_for_the_machine_is_a_setup_error(data_dir, tmp_path,

@@ -4,7 +4,9 @@
 mask logits f32[B, S/o, S/o] (o = ``segment.out_stride``, 4 in the paper) and
 aux {'prior_logits', 'relevance'}: f32[B, S/p, S/p] (p = ``locate.stride``,
 relevance in [0, 1]). Parameters are float32 whatever the compute dtype;
-outputs are cast to float32.
+outputs are cast to float32. ``image`` may hold a whole fraction of the batch, B/K images for
+B expressions, K per image in order: the backbone then runs once per image and its levels
+are repeated K times (config.data.objects_per_image).
 
 Top-level parameter subtrees are 'visual', 'text', 'fusion', 'locate',
 'segment' (the optimiser gives 'visual' its own learning-rate multiplier);
@@ -122,7 +124,14 @@ class LTS(nn.Module):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         if image.shape[1] % 32 or image.shape[2] % 32:
             raise ValueError(f"image sides must be multiples of 32, got {image.shape[1:3]}")
-        c1, c2, c3, c4, c5 = self.visual.levels(image.astype(self.dtype), train=train)
+        levels = self.visual.levels(image.astype(self.dtype), train=train)
+        if tokens.shape[0] != image.shape[0]:  # several expressions per image: one backbone pass
+            per_image = tokens.shape[0] // image.shape[0]
+            if per_image * image.shape[0] != tokens.shape[0]:
+                raise ValueError(f"{tokens.shape[0]} expressions for {image.shape[0]} images: "
+                                 "expected a whole number per image")
+            levels = [jnp.repeat(x, per_image, axis=0) for x in levels]
+        c1, c2, c3, c4, c5 = levels
         if self.text_sharding is not None:  # inputs and outputs, or XLA splits the scan
             tokens, token_mask = jax.lax.with_sharding_constraint(
                 (tokens, token_mask), self.text_sharding)
