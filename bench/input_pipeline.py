@@ -238,7 +238,9 @@ def main() -> None:
 
     cores = len(os.sched_getaffinity(0))
     canvas = int(data.canvas_size)
+    per_image = int(data.get("objects_per_image", 1)) if args.mode == "train" else 1
     print(f"source {kind}; mode {args.mode}; image {size}; canvas {canvas}; batch {batch_size}; "
+          f"objects per image {per_image}; "
           f"threads {args.threads}; flip {data.flip}; photometric {data.photometric}")
     print(f"CPU: {cpu_description()}; {cores} core(s) available to this process")
     print("| workers | first batch s | samples/s | samples/s per core |")
@@ -250,7 +252,7 @@ def main() -> None:
                 source, tok, global_batch_size=batch_size, canvas_size=canvas,
                 max_text_len=data.max_text_len, seed=0, decode_fn=records.decode_example,
                 flip=data.flip, photometric=data.photometric, worker_count=workers,
-                num_threads=args.threads)
+                num_threads=args.threads, objects_per_image=per_image)
         else:
             batches = ip.make_eval_loader(
                 source, tok, global_batch_size=batch_size, image_size=size,
@@ -268,7 +270,7 @@ def main() -> None:
     sample = next(iter(batches)) if args.mode == "eval" else next(ip.make_train_iterator(
         source, tok, global_batch_size=batch_size, canvas_size=canvas,
         max_text_len=data.max_text_len, seed=0, decode_fn=records.decode_example,
-        flip=data.flip, photometric=data.photometric))
+        flip=data.flip, photometric=data.photometric, objects_per_image=per_image))
     device_fields = (("image", "mask", "hw", "flip", "photometric", "tokens", "token_mask")
                      if args.mode == "train" else ("image", "orig_hw", "tokens", "token_mask"))
     to_device = sum(sample[k].nbytes for k in device_fields) / batch_size

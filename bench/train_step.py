@@ -14,7 +14,8 @@ Figures:
   compile s      lowering + XLA compilation of the train step (timed apart from the steps);
   step ms        mean and median over --steps steps after --warmup untimed ones, each step
                  waited for with jax.block_until_ready;
-  images/s       global batch / mean step time (and that divided by the device count);
+  images/s       global batch (image-expression pairs) / mean step time (and that divided by
+                 the device count);
   TFLOP/step     XLA's cost-analysis estimate for the whole train step (forward, backward and
                  optimiser update) over the global batch, from the lowered (not yet optimised
                  or partitioned) program. It is an estimate: a multiply-add counts as 2 FLOPs
