@@ -220,16 +220,13 @@ def test_sharded_forward_matches_single_device(tiny: dict) -> None:
 
 
 def test_one_backbone_pass_per_image_matches_the_repeated_image(tiny: dict) -> None:
-    """Two expressions per image (config.data.objects_per_image=2): the image batch is half
-    the expression batch and the backbone runs once per image. Same outputs, BatchNorm
-    statistics and gradients as with each image repeated (a repeat leaves batch mean and
-    variance unchanged)."""
+    """Two expressions per image (config.data.objects_per_image=2, used in training only):
+    the image batch is half the expression batch and the backbone runs once per image. Same
+    loss, BatchNorm statistics and gradients as with each image repeated (a repeat leaves
+    batch mean and variance unchanged)."""
     batch = tiny["batch"]
     assert np.array_equal(batch["image"][0::2], batch["image"][1::2])  # two rows per image
     grouped = {**batch, "image": batch["image"][0::2]}
-    jax.tree_util.tree_map(partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5),
-                           tiny["forward"](tiny["variables"], grouped, train=False),
-                           tiny["forward"](tiny["variables"], batch, train=False))
     params, stats = tiny["variables"]["params"], tiny["variables"]["batch_stats"]
     opt = tiny["tx"].init(params)
     # (batch_stats, loss, grads) of one train-mode step; not the Adam update, which turns

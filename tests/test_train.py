@@ -495,17 +495,17 @@ def test_batch_size_not_divisible_by_devices_is_a_one_line_setup_error(tmp_path)
     assert not (tmp_path / "no_data").exists()
 
 
-def test_several_objects_per_image_train_and_resume_exactly(data_dir, tmp_path):
-    """config.data.objects_per_image=2: batches of 4 images x 2 expressions train, evaluate
-    and resume from a SIGTERM bit-identically."""
-    config = tiny_config(data_dir, data__objects_per_image=2)
-    full = train_lib.train_and_evaluate(config, str(tmp_path / "full"))
-    assert 0.0 <= full["validation"]["mIoU"] <= 1.0
-    _preempt_after_step_1(config, str(tmp_path / "resumed"))
-    resumed = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
-    assert resumed["validation"] == full["validation"]
-    jax.tree.map(np.testing.assert_array_equal, _variables(str(tmp_path / "resumed")),
-                 _variables(str(tmp_path / "full")))
+def test_several_objects_per_image_train_and_cannot_resume_as_another_stream(data_dir, tmp_path):
+    """config.data.objects_per_image=2: batches of 4 images x 2 expressions train and
+    evaluate; the workdir refuses a rerun with one object per image (another data stream).
+    Resuming the grouped stream exactly is test_input_pipeline's."""
+    workdir = str(tmp_path / "run")
+    results = train_lib.train_and_evaluate(tiny_config(data_dir, data__objects_per_image=2),
+                                           workdir)
+    assert 0.0 <= results["validation"]["mIoU"] <= 1.0 and results["validation"]["pairs"] > 0
+    assert _variables(workdir)[1] == 4
+    with pytest.raises(ConfigMismatchError, match="data.objects_per_image: workdir has 2"):
+        train_lib.train_and_evaluate(tiny_config(data_dir), workdir)
 
 
 def test_decoded_cache_too_large_for_the_machine_is_a_setup_error(data_dir, tmp_path,
