@@ -5,7 +5,7 @@ Builds the data from a seed, trains the 'small' model and evaluates it::
     python train.py --config configs/refshapes.py --workdir runs/refshapes
 
 1,700 steps at 64x64, then 170 at 96x96, each of 12 images with 3 of their objects (36
-pairs): 9.48 TFLOP; validation mIoU 93.45, 94.19 and 90.70 for seeds 0-2 and 5.7 minutes for
+pairs): 9.48 TFLOP; validation mIoU 93.45, 94.19 and 90.70 for seeds 0-2 and 5.3 minutes for
 the main job on a 2-core AVX-512 EPYC (README, "What the main job gives", which also has the
 earlier configs and how the last points move with the order of sums). The decoder departs
 from the paper's: mask logits at stride 2 with C1/C2 skips (same section); the RefCOCO
@@ -60,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.low_res_image_size = 0 if tiny else 64
     config.data.low_res_steps = 0 if tiny else 1700
     # Three objects of one image per batch entry (RefShapes images have 3 or 4), sharing one
-    # backbone pass: 0.75x the FLOPs per pair, and every image is seen with expressions for
+    # backbone pass: 0.67x the FLOPs per pair, and every image is seen with expressions for
     # different objects of it at once, the contrast the model must learn (README).
     config.data.objects_per_image = 1 if tiny else 3
 
