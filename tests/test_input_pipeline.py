@@ -459,6 +459,19 @@ def test_grouped_batches_bring_each_image_with_its_own_objects(group_tok, per_im
         _grouped(group_tok, per_image).set_state(_grouped(group_tok, 1).get_state())
 
 
+def test_grouped_global_batch_is_the_same_under_two_processes(group_tok):
+    """Process p holds images [p*n, (p+1)*n) of each global batch and their pairs."""
+    single = _grouped(group_tok, 2, global_batch_size=8, flip=True, photometric=True)
+    pair = [_grouped(group_tok, 2, global_batch_size=8, flip=True, photometric=True,
+                     process_index=p, process_count=2) for p in range(2)]
+    for _ in range(3):
+        whole, halves = next(single), [next(it) for it in pair]
+        assert halves[0]["image"].shape[0] == 2 and halves[0]["tokens"].shape[0] == 4
+        for name, value in whole.items():
+            np.testing.assert_array_equal(
+                value, np.concatenate([h[name] for h in halves]), err_msg=name)
+
+
 def test_grouped_batch_must_hold_whole_images(group_tok):
     with pytest.raises(ValueError, match="objects_per_image"):
         _grouped(group_tok, 3, global_batch_size=4)
