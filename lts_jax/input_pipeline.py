@@ -267,6 +267,8 @@ def train_batches(source: Any, tokenizer: Tokenizer, *, batch_size: int, canvas_
     ``transform.train_inputs`` (inside the train step) letterboxes, flips and jitters them.
     cache_decoded keeps every decoded example in memory once drawn (the whole split ends up
     there: only for small datasets such as RefShapes); the batches are the same either way.
+    objects_per_image K > 1: a stream of images (grouped by 'image_id'), batch_size / K of
+    them per batch with K objects each; batch_size still counts pairs.
     """
     _check_process(process_index, process_count)
     if len(source) == 0:
