@@ -141,8 +141,7 @@ def start(argv: list[str]) -> None:
         logging.get_absl_handler().addFilter(_OwnInfoOnly())
     if "cpu_devices" in FLAGS and FLAGS.cpu_devices is not None:
         config = FLAGS.config if "config" in FLAGS else None
-        batch_sizes = [] if config is None else [
-            int(config[k]) for k in ("batch_size", "eval_batch_size") if k in config]
+        batch_sizes = [] if config is None else sharded_sizes(config)
         use_cpu_devices(parse_cpu_devices(FLAGS.cpu_devices, batch_sizes))
     if FLAGS.compilation_cache:
         use_compilation_cache(os.path.join(FLAGS.workdir, COMPILATION_CACHE_DIR))
@@ -157,6 +156,16 @@ def start(argv: list[str]) -> None:
     logging.info("JAX %s, backend %s, %d device(s), process %d of %d", jax.__version__,
                  jax.default_backend(), jax.device_count(), jax.process_index(),
                  jax.process_count())
+
+
+def sharded_sizes(config: Any) -> list[int]:
+    """The batch dimensions of ``config`` that are split over the devices: the train and eval
+    batches and, with several objects per image, the images of a train batch."""
+    sizes = [int(config[k]) for k in ("batch_size", "eval_batch_size") if k in config]
+    per_image = int(config.data.get("objects_per_image", 1)) if "data" in config else 1
+    if per_image > 1 and "batch_size" in config:
+        sizes.append(int(config.batch_size) // per_image)
+    return sizes
 
 
 def parse_cpu_devices(value: str, batch_sizes: Sequence[int] = ()) -> int:

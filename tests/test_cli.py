@@ -101,6 +101,19 @@ def test_cpu_devices_counts(monkeypatch, value, batch_sizes, cores, expected):
     assert cli.parse_cpu_devices(value, batch_sizes) == expected
 
 
+def test_cpu_devices_auto_also_divides_the_images_of_a_grouped_batch(monkeypatch):
+    from configs.refshapes import get_config
+    from lts_jax import cli
+
+    config = get_config()  # 30 pairs on 10 images, eval batch 64
+    config.data.objects_per_image, config.batch_size = 3, 30
+    assert cli.sharded_sizes(config) == [30, 64, 10]
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    assert cli.parse_cpu_devices("auto", cli.sharded_sizes(config)) == 2  # not 3 (64), not 4
+    config.data.objects_per_image = 1
+    assert cli.sharded_sizes(config) == [30, 64]
+
+
 @pytest.mark.parametrize("value", ["0", "-2", "two", ""])
 def test_cpu_devices_mistakes_name_the_flag(value):
     from absl import app
