@@ -193,26 +193,35 @@ class _TrainBatch:
             ex = self.cache[obj] = self.decode_fn(self.source[obj])
         return ex
 
+    def _object(self, obj: int) -> tuple[dict[str, Any], int, int]:
+        """Object ``obj`` decoded, with its image's (H, W), checked to fit the canvas."""
+        ex = self._decoded(obj)
+        h, w = ex["mask"].shape
+        if h > self.canvas_size or w > self.canvas_size:
+            raise _canvas_error(f"training object {obj}", h, w, self.canvas_size)
+        return ex, h, w
+
+    def _place_pair(self, out: Batch, row: int, ex: dict[str, Any], text: str) -> None:
+        """The pair fields of ``row``: the object's mask and the (already flipped) text."""
+        place_mask(ex["mask"], out["mask"][row])
+        out["tokens"][row], out["token_mask"][row] = self.tokenizer.encode(text,
+                                                                           self.max_text_len)
+
     def _fill(self, out: Batch, row: int, position: int) -> None:
         rng = np.random.default_rng([self.seed, position])
         epoch, index = divmod(position, len(self.source))
         obj = int(_epoch_order(self.shuffle_seed, len(self.source), epoch)[index])
-        ex = self._decoded(obj)
+        ex, h, w = self._object(obj)
         expressions = ex["expressions"]
         text = expressions[int(rng.integers(len(expressions)))]
-        h, w = ex["mask"].shape
-        if h > self.canvas_size or w > self.canvas_size:
-            raise _canvas_error(f"training object {obj}", h, w, self.canvas_size)
         place_image(ex["image"], out["image"][row])
-        place_mask(ex["mask"], out["mask"][row])
         out["hw"][row] = (h, w)
         if self.flip and rng.random() < 0.5:
             out["flip"][row] = True
             text = swap_left_right(text)
         if self.photometric:
             out["photometric"][row] = photometric_params(rng)
-        out["tokens"][row], out["token_mask"][row] = self.tokenizer.encode(text,
-                                                                           self.max_text_len)
+        self._place_pair(out, row, ex, text)
 
     def _fill_image(self, out: Batch, k: int, position: int) -> None:
         """Image k of the batch and its objects_per_image pairs, rows k*G .. k*G + G - 1."""
@@ -225,24 +234,16 @@ class _TrainBatch:
         chosen = [objects[i % len(objects)] for i in rng.permutation(max(g, len(objects)))[:g]]
         flip = self.flip and rng.random() < 0.5
         for j, obj in enumerate(chosen):
-            ex = self._decoded(obj)
-            h, w = ex["mask"].shape
-            if h > self.canvas_size or w > self.canvas_size:
-                raise _canvas_error(f"training object {obj}", h, w, self.canvas_size)
+            ex, h, w = self._object(obj)
             if j == 0:
                 place_image(ex["image"], out["image"][k])
                 out["hw"][k] = (h, w)
                 out["flip"][k] = flip
                 if self.photometric:
                     out["photometric"][k] = photometric_params(rng)
-            row = k * g + j
             expressions = ex["expressions"]
             text = expressions[int(rng.integers(len(expressions)))]
-            place_mask(ex["mask"], out["mask"][row])
-            if flip:
-                text = swap_left_right(text)
-            out["tokens"][row], out["token_mask"][row] = self.tokenizer.encode(
-                text, self.max_text_len)
+            self._place_pair(out, k * g + j, ex, swap_left_right(text) if flip else text)
 
 
 def image_objects(source: Any) -> tuple[tuple[int, ...], ...]:

@@ -216,9 +216,9 @@ def train_inputs(batch: Batch, size: int, method: str | None = None) -> dict[str
     plan = plans(hw, size, batch["image"].shape[1], flip)  # shared by image and mask
     image = letterbox_images(batch["image"], hw, size, flip, method, plan)
     per_image = batch["mask"].shape[0] // batch["image"].shape[0]
-    if per_image > 1:  # several objects per image (config.data.objects_per_image)
-        hw, flip = jnp.repeat(hw, per_image, axis=0), jnp.repeat(flip, per_image, axis=0)
-        plan = plans(hw, size, batch["image"].shape[1], flip)
+    if per_image > 1:  # several objects per image (config.data.objects_per_image): each
+        # image's plan serves its masks
+        plan = jax.tree.map(lambda a: jnp.repeat(a, per_image, axis=0), plan)
     mask = letterbox_masks(batch["mask"], hw, size, flip, plan)
     image = apply_photometric(image, batch["photometric"])
     return {"image": image, "mask": mask, "tokens": batch["tokens"],
