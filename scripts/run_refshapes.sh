@@ -10,6 +10,9 @@ python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q -r requirements.txt
+# glibc: back large mapped blocks with transparent huge pages, e.g. XLA:CPU's 70 MB scratch of
+# the 96x96 step, which glibc maps afresh every step (lts_jax/host_memory.py; ignored elsewhere).
+export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
 # Builds data/tfds/refcoco_masks/refshapes (seconds), trains, evaluates every split, prints the table.
 # --cpu_devices=auto: on a CPU-only machine, one single-threaded JAX device per core (faster
 # than one multi-threaded device; README, Benchmarks); GPU/TPU runs ignore it.

@@ -144,6 +144,22 @@ def test_train_cpu_devices_splits_the_cpu_into_single_threaded_devices(tmp_path)
         assert result.stdout.strip() == f"2 {flags_out}"
 
 
+@pytest.mark.parametrize("command, flags", [("train.py", ["--config=" + TINY]), ("eval.py", [])])
+def test_cpu_runs_keep_freed_host_memory(tmp_path, command, flags):
+    """On the CPU backend cli.start tells malloc to keep freed blocks (lts_jax/host_memory.py:
+    XLA:CPU's per-step scratch is then not faulted in anew every step)."""
+    script = _start_probe(
+        tmp_path, command,
+        before="from lts_jax import cli as probed_cli\ncalls = []\n"
+               "probed_cli.keep_freed_memory = lambda: calls.append(1) or True\n",
+        after="print(len(calls))\n")
+    result = subprocess.run([sys.executable, str(script), f"--workdir={tmp_path}", *flags],
+                            cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"
+
+
 @pytest.mark.parametrize("command, flags", [("train.py", ["--config=" + TINY]),
                                             ("eval.py", []), ("predict.py", ["--out=predictions"])])
 def test_compiled_programs_are_kept_in_the_workdir(tmp_path, command, flags):
