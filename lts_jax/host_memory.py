@@ -27,6 +27,23 @@ M_MMAP_MAX = -4
 TRIM_THRESHOLD = 2**31 - 1  # bytes; the largest value mallopt's int takes
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library if it is glibc on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)  # the C library this process already uses
+        libc.gnu_get_libc_version  # noqa: B018 -- present in glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def is_glibc() -> bool:
+    """Whether ``keep_freed_memory`` can act here (glibc on Linux)."""
+    return _glibc() is not None
+
+
 def keep_freed_memory() -> bool:
     """Tells glibc's malloc to keep freed blocks for reuse (see the module docstring).
 
@@ -34,13 +51,9 @@ def keep_freed_memory() -> bool:
     their own policies. Safe to call more than once and at any time; it affects later
     allocations only.
     """
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(None)  # the C library this process already uses
-        libc.gnu_get_libc_version  # noqa: B018 -- present in glibc only
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1

@@ -41,18 +41,8 @@ def _later_faults(mode: str) -> int:
     return int(out.stdout.strip())
 
 
-def _is_glibc() -> bool:
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).gnu_get_libc_version  # noqa: B018
-    except (OSError, AttributeError):
-        return False
-    return sys.platform.startswith("linux")
-
-
 def test_a_freed_large_block_is_reused_instead_of_faulted_in_again():
-    if not _is_glibc():
+    if not host_memory.is_glibc():
         assert host_memory.keep_freed_memory() is False
         return
     pages = 3 * (40 << 20) // 4096  # rounds 2-4, 4 kB pages
