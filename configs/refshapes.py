@@ -5,11 +5,11 @@ Builds the data from a seed, trains the 'small' model and evaluates it::
     python train.py --config configs/refshapes.py --workdir runs/refshapes
 
 2,050 steps at 64x64, then 200 at 96x96, each of 10 images with 3 of their objects (30
-pairs): 9.49 TFLOP; validation mIoU 94.17, 93.41 and 93.71 for seeds 0-2 and 5.1 minutes for
-the main job on a 2-core AVX-512 EPYC (README, "What the main job gives", which also has the
-earlier configs and how the last points move with the order of sums). The decoder departs
-from the paper's: mask logits at stride 2 with C1/C2 skips (same section); the RefCOCO
-configs keep the paper's stride-4 decoder.
+pairs): 9.49 TFLOP; validation mIoU 94.17, 93.41 and 93.71 for seeds 0-2 and 4.6-5.1 minutes
+for the main job on 2-core AVX-512 EPYCs (README, "What the main job gives"; the earlier
+configs and how the last points move with the order of sums: docs/refshapes_history.md). The
+decoder departs from the paper's: mask logits at stride 2 with C1/C2 skips (same section); the
+RefCOCO configs keep the paper's stride-4 decoder.
 
 ``configs/refshapes.py:tiny`` (alias ``:test``) is the few-second variant used by the tests:
 tiny model, 64x64 images, a handful of steps. Any field can be overridden, e.g.
