@@ -14,6 +14,11 @@ Figures:
   compile s      lowering + XLA compilation of the train step (timed apart from the steps);
   step ms        mean and median over --steps steps after --warmup untimed ones, each step
                  waited for with jax.block_until_ready;
+  pipelined      wall time of another --steps steps dispatched back to back, waited for once
+                 at the end, per step: how the training loop runs them. With several devices
+                 it can be lower than the step time, because a device that finishes its part
+                 of a step early starts the next one instead of waiting at the step's end
+                 (per-step waiting counts every imbalance between the devices in full);
   images/s       global batch (image-expression pairs) / mean step time (and that divided by
                  the device count);
   TFLOP/step     XLA's cost-analysis estimate for the whole train step (forward, backward and
@@ -183,9 +188,10 @@ def time_transform(config: ml_collections.ConfigDict, batch: Any, steps: int) ->
 
 
 def _time_steps(compiled: Any, state: Any, batch: Any, rng: Any, warmup: int, steps: int
-                ) -> tuple[Any, Any, list[float]]:
-    """(state, last metrics, seconds per step): ``warmup`` untimed steps, then ``steps`` timed
-    ones, each waited for. The state is donated, so each call rebinds it."""
+                ) -> tuple[Any, Any, list[float], float]:
+    """(state, last metrics, seconds per step, pipelined seconds per step): ``warmup`` untimed
+    steps, then ``steps`` timed ones, each waited for, then ``steps`` more dispatched back to
+    back and waited for once. The state is donated, so each call rebinds it."""
     for _ in range(warmup):
         state, metrics = compiled(state, batch, rng)
         jax.block_until_ready((state, metrics))
@@ -195,7 +201,11 @@ def _time_steps(compiled: Any, state: Any, batch: Any, rng: Any, warmup: int, st
         state, metrics = compiled(state, batch, rng)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
-    return state, metrics, times
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready((state, metrics))
+    return state, metrics, times, (time.perf_counter() - t0) / steps
 
 
 def run_benchmark(
@@ -239,7 +249,8 @@ def run_benchmark(
         ), "lowered for CPU"
     compiled_flops_per_step = flops_of(compiled) * num_devices
 
-    state, metrics, times = _time_steps(compiled, state, batch, dropout_rng, warmup, steps)
+    state, metrics, times, pipelined_s = _time_steps(compiled, state, batch, dropout_rng,
+                                                     warmup, steps)
     loss = float(metrics["loss"])
     transform_ms = time_transform(config, batch, steps)
     low_res = _low_res_figures(setup, state, batch, steps, compiler_options)
@@ -268,6 +279,7 @@ def run_benchmark(
         "step_ms_mean": step_s * 1e3,
         "step_ms_median": statistics.median(times) * 1e3,
         "step_ms_min": min(times) * 1e3,
+        "step_ms_pipelined": pipelined_s * 1e3,
         "images_per_s": batch_size / step_s,
         "images_per_s_per_device": batch_size / step_s / num_devices,
         "flops_per_step": flops_per_step,
@@ -299,11 +311,12 @@ def _low_res_figures(setup: Any, state: Any, batch: Any, steps: int,
             (state, batch, setup.dropout_rng),
             train_inputs_fn(int(setup.config.data.low_res_image_size)))
     compiled = lowered.compile(compiler_options=compiler_options)
-    _, _, times = _time_steps(compiled, state, batch, setup.dropout_rng, 1, steps)
+    _, _, times, pipelined_s = _time_steps(compiled, state, batch, setup.dropout_rng, 1, steps)
     return {"low_res_image_size": int(setup.config.data.low_res_image_size),
             "low_res_steps": low_res_steps(setup.config),
             "low_res_flops_per_step": flops,
-            "low_res_step_ms_mean": statistics.fmean(times) * 1e3}
+            "low_res_step_ms_mean": statistics.fmean(times) * 1e3,
+            "low_res_step_ms_pipelined": pipelined_s * 1e3}
 
 
 def _job_flops(config: ml_collections.ConfigDict, flops_per_step: float,
@@ -334,6 +347,8 @@ def format_report(r: dict[str, Any], config_name: str = "") -> str:
         ("compile", f"{r['compile_s']:.1f} s"),
         ("step", f"{r['step_ms_mean']:.1f} ms mean, {r['step_ms_median']:.1f} ms median, "
                  f"{r['step_ms_min']:.1f} ms min ({r['steps']} steps after {r['warmup']} warmup)"),
+        ("pipelined", f"{r['step_ms_pipelined']:.1f} ms per step ({r['steps']} more steps "
+                      "dispatched back to back, as the training loop runs them)"),
         ("images/s", f"{r['images_per_s']:.1f} ({r['images_per_s_per_device']:.1f} per device)"),
         ("TFLOP/step", f"{r['flops_per_step'] / 1e12:.4g} (XLA estimate, {r['flops_source']}; "
                        f"compiled program: {r['compiled_flops_per_step'] / 1e12:.4g})"),
@@ -348,7 +363,8 @@ def format_report(r: dict[str, Any], config_name: str = "") -> str:
         low = r["low_res_image_size"]
         rows.append(("low-res step", f"{low}x{low} for the first {r['low_res_steps']} steps: "
                                      f"{r['low_res_flops_per_step'] / 1e12:.4g} TFLOP/step, "
-                                     f"{r['low_res_step_ms_mean']:.1f} ms mean"))
+                                     f"{r['low_res_step_ms_mean']:.1f} ms mean, "
+                                     f"{r['low_res_step_ms_pipelined']:.1f} ms pipelined"))
     rows.append(("job TFLOP", f"{r['job_flops'] / 1e12:.4g} over {r['num_train_steps']} "
                               "train steps (config.num_train_steps; XLA estimate)"))
     width = max(len(name) for name, _ in rows)

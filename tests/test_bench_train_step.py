@@ -52,9 +52,9 @@ def test_run_benchmark_tiny(tiny_result: dict[str, Any]) -> None:
     r = tiny_result
     assert r["num_devices"] == jax.device_count()
     assert r["batch_size"] == 8 and r["image_size"] == 64
-    for key in ("num_params", "compile_s", "step_ms_mean", "step_ms_median", "images_per_s",
-                "images_per_s_per_device", "flops_per_step", "tflops_per_s", "mfu",
-                "final_loss"):
+    for key in ("num_params", "compile_s", "step_ms_mean", "step_ms_median",
+                "step_ms_pipelined", "images_per_s", "images_per_s_per_device",
+                "flops_per_step", "tflops_per_s", "mfu", "final_loss"):
         assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
     assert r["flops_source"] == "lowered"  # the CPU analyses its own lowered program
     assert r["flops_per_step"] > 1e6  # the tiny model's step is ~1e8 FLOPs
@@ -62,6 +62,8 @@ def test_run_benchmark_tiny(tiny_result: dict[str, Any]) -> None:
     assert math.isclose(r["mfu"], r["tflops_per_s"] / r["num_devices"])
     report = format_report(r, "configs/refshapes.py:tiny")
     assert "MFU" in report and "configs/refshapes.py:tiny" in report
+    pipelined = next(line for line in report.splitlines() if line.startswith("pipelined"))
+    assert f"{r['step_ms_pipelined']:.1f} ms per step" in pipelined
 
 
 def test_flops_lowered_on_cpu_matches_the_backend_count(tiny_result: dict[str, Any]) -> None:
