@@ -67,7 +67,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lts_jax.host_memory import keep_freed_memory  # noqa: E402
+from lts_jax.host_memory import keep_freed_memory_on_cpu  # noqa: E402
 from lts_jax.mesh import make_mesh, shard_batch  # noqa: E402
 from lts_jax.train_setup import create_train_setup, low_res_steps, resolve_config  # noqa: E402
 from lts_jax.train_step import LossFn, make_train_step  # noqa: E402
@@ -374,8 +374,7 @@ def format_report(r: dict[str, Any], config_name: str = "") -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if jax.default_backend() == "cpu":
-        keep_freed_memory()  # as train.py does (lts_jax.cli.start)
+    keep_freed_memory_on_cpu()  # as train.py does (lts_jax.cli.start)
     results = run_benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value, _PEAK_TFLOPS.value)
     if jax.process_index() == 0:
         print(format_report(results, config_flags.get_config_filename(flags.FLAGS["config"])))

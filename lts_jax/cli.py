@@ -21,7 +21,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lts_jax.host_memory import keep_freed_memory
+from lts_jax.host_memory import keep_freed_memory_on_cpu
 from tfds_refcoco.workers import default_num_workers
 
 FLAGS = flags.FLAGS
@@ -154,8 +154,7 @@ def start(argv: list[str]) -> None:
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
         )
-    if jax.default_backend() == "cpu":
-        keep_freed_memory()  # XLA:CPU's step buffers live in host memory
+    keep_freed_memory_on_cpu()
     logging.info("JAX %s, backend %s, %d device(s), process %d of %d", jax.__version__,
                  jax.default_backend(), jax.device_count(), jax.process_index(),
                  jax.process_count())

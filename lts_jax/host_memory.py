@@ -57,3 +57,11 @@ def keep_freed_memory() -> bool:
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+
+
+def keep_freed_memory_on_cpu() -> bool:
+    """``keep_freed_memory`` when JAX runs on the CPU backend, whose step buffers live in host
+    memory (the entry points call this after JAX's set-up); False elsewhere."""
+    import jax  # here, not at import: tests/conftest.py uses this module before JAX starts
+
+    return jax.default_backend() == "cpu" and keep_freed_memory()

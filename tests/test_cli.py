@@ -150,8 +150,8 @@ def test_cpu_runs_keep_freed_host_memory(tmp_path, command, flags):
     XLA:CPU's per-step scratch is then not faulted in anew every step)."""
     script = _start_probe(
         tmp_path, command,
-        before="from lts_jax import cli as probed_cli\ncalls = []\n"
-               "probed_cli.keep_freed_memory = lambda: calls.append(1) or True\n",
+        before="from lts_jax import host_memory\ncalls = []\n"
+               "host_memory.keep_freed_memory = lambda: calls.append(1) or True\n",
         after="print(len(calls))\n")
     result = subprocess.run([sys.executable, str(script), f"--workdir={tmp_path}", *flags],
                             cwd=REPO, capture_output=True, text=True, timeout=120,

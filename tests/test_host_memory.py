@@ -59,3 +59,14 @@ def test_is_idempotent():
 def test_other_platforms_are_left_alone(monkeypatch, platform):
     monkeypatch.setattr(sys, "platform", platform)
     assert host_memory.keep_freed_memory() is False
+
+
+def test_only_the_cpu_backend_changes_the_setting(monkeypatch):
+    import jax
+
+    calls = []
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert host_memory.keep_freed_memory_on_cpu() is False and not calls
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert host_memory.keep_freed_memory_on_cpu() is True and calls == [1]
